@@ -1,0 +1,1 @@
+"""Shared machinery: checkpoint -> backbone -> features -> result record."""

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on transfer tasks and write one result record per task.
+
+    python evaluate/run.py --ckpt r50.pth --task knn_in1k --data-root /data
+    python evaluate/run.py --ckpt random --task all --demo
+
+Exit codes: 0 done; 2 a mistake in the command or its inputs (one sentence says which); 1 a bug.
+"""
+import argparse
+import dataclasses
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluate.common import REPO_ROOT, UserError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors are the user's mistakes too: exit 2, one sentence
+        raise UserError(f"{message} (see --help)")
+
+
+def task_table() -> str:
+    from tasks.registry import TASKS
+
+    lines = ["tasks (name: what it measures | data under --data-root | protocol source):"]
+    for t in TASKS.values():
+        state = "" if t.implemented else " [not implemented yet]"
+        lines.append(f"  {t.name}: {t.measures} | {t.needs} | {t.source}{state}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=task_table())
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or 'random' for a randomly initialised encoder")
+    p.add_argument("--task", required=True, help="task name, comma-separated names, or 'all'")
+    p.add_argument("--arch", help="resnet18, resnet50, ... or a timm ResNet name (default: inferred from the weights; "
+                                  "resnet50 for --ckpt random)")
+    p.add_argument("--ckpt-format", help="force the checkpoint format instead of detecting it")
+    p.add_argument("--ckpt-part", help="which part of a multi-network checkpoint to evaluate")
+    p.add_argument("--data-root", type=Path, help="folder holding the datasets (layouts in README.md)")
+    p.add_argument("--demo", action="store_true", help="generate the demo datasets and use each task's demo protocol")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="where records go (default: results/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol value (repeatable); the record marks it as overridden")
+    return p.parse_args(argv)
+
+
+def select_tasks(spec: str):
+    from tasks.registry import TASKS
+
+    names = list(TASKS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise UserError(f"unknown task {unknown[0] if unknown else spec!r}; known tasks: {', '.join(TASKS)}")
+    if spec != "all":
+        for n in names:
+            if not TASKS[n].implemented:
+                raise UserError(f"task {n} is not implemented yet")
+    else:
+        skipped = [n for n in names if not TASKS[n].implemented]
+        if skipped:
+            print(f"--task all: skipping tasks not implemented yet: {', '.join(skipped)}")
+        names = [n for n in names if TASKS[n].implemented]
+    return [TASKS[n] for n in names]
+
+
+def parse_overrides(items, tasks):
+    from tasks.protocol import keys
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    valid = sorted({k for t in tasks for k in keys(t.protocol)})
+    for key in out:
+        if key not in valid:
+            raise UserError(f"unknown --set key {key!r}; valid keys for the chosen tasks: {', '.join(valid)}")
+    return out
+
+
+def resolve_device(requested):
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} asked for CUDA, but no CUDA device is available; use --device cpu")
+    if not (requested == "cpu" or requested.startswith("cuda")):
+        raise UserError(f"--device {requested!r} is not cpu or cuda[:N]")
+    return requested
+
+
+@dataclasses.dataclass
+class RunContext:
+    model: object
+    checkpoint: object
+    arch: str
+    data_root: Path
+    device: str
+    seed: int
+    demo: bool
+    out_dir: Path
+    log: object = print
+
+
+def main(argv=None) -> int:
+    from evaluate import records
+    from evaluate.checkpoints import make_encoder
+    from tasks.datasets import ensure_demo
+    from tasks.protocol import as_record, keys, with_overrides
+
+    args = parse_args(argv)
+    tasks = select_tasks(args.task)
+    overrides = parse_overrides(args.overrides, tasks)
+    device = resolve_device(args.device)
+    if args.demo:
+        data_root = ensure_demo()
+    elif args.data_root is None:
+        raise UserError("give --data-root DIR with the datasets (layouts in README.md), or --demo")
+    elif not args.data_root.is_dir():
+        raise UserError(f"--data-root {args.data_root} is not a directory")
+    else:
+        data_root = args.data_root.resolve()
+    # Protocols are resolved before any work, so that a bad --set value stops the run at once.
+    protocols = []
+    for t in tasks:
+        p = with_overrides(t.protocol, t.demo, parse_strings=False) if args.demo else t.protocol
+        p = with_overrides(p, {k: v for k, v in overrides.items() if k in keys(p)}, parse_strings=True)
+        protocols.append(p)
+
+    model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part)
+    print(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
+          + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
+    if checkpoint.dropped:
+        print("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
+    ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out)
+    for t, p in zip(tasks, protocols):
+        print(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
+        started = time.time()
+        metrics, info = t.run(ctx, p)
+        record = {
+            "task": t.name,
+            "demo": args.demo,
+            "engine": "pytorch",
+            "metrics": metrics,
+            "data": {"root": str(data_root), **info},
+            "protocol": as_record(p, t.protocol),
+            "checkpoint": {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
+                           "part": checkpoint.part, "dropped": checkpoint.dropped},
+            "arch": arch,
+            "seed": args.seed,
+            "device": device,
+            "git_commit": records.git_commit(),
+            "packages": records.package_versions(),
+            "command": " ".join(sys.argv),
+            "wall_time_s": round(time.time() - started, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        path = records.write_record(args.out, record)
+        for name, value in metrics.items():
+            print(f"  {name} = {value:.2f}")
+        print(f"  record: {path}")
+    summary = records.write_summary(args.out)
+    print(f"summary: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted; no record was written for the unfinished task", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""One adapter per transfer task; `tasks.registry` lists them all."""

@@ -1,0 +1,91 @@
+"""What every frozen-feature classification task shares: which images, which transform, which features."""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from evaluate.checkpoints import IMAGENET_MEAN, IMAGENET_STD
+from evaluate.common import REPO_ROOT, UserError
+from evaluate.features import EvalTransform, extract_features
+from tasks.datasets import SUBDIRS
+from tasks.datasets.imagenet import read_imagenet
+from tasks.datasets.stl10 import read_stl10
+from tasks.protocol import param
+
+IN100_CLASSES = str(REPO_ROOT / "tasks/datasets/imagenet100_classes.txt")
+IN100_DEMO_CLASSES = str(REPO_ROOT / "tasks/datasets/imagenet100_demo_classes.txt")
+
+TRANSFORM_SOURCE = ("ImageNet: resize 256 / centre crop 224, bilinear, ImageNet mean/std (torchvision's reference "
+                    "evaluation, used by BYOL and MoCo); STL-10: resize 70 / centre crop 64, bicubic, STL-10 "
+                    "mean/std (W-MSE's STL-10 test transform; the paper's Table 1 follows W-MSE's STL-10 setting)")
+
+# The values of `FrozenFeatureProtocol` that depend on the dataset; sources in the field metadata below.
+DATASET_PRESETS = {
+    "imagenet": dict(dataset="imagenet", train_split="train", test_split="val", num_classes=1000,
+                     metric_prefix="in1k"),
+    "imagenet100": dict(dataset="imagenet100", train_split="train", test_split="val", num_classes=100,
+                        class_list=IN100_CLASSES, metric_prefix="in100"),
+    "stl10": dict(dataset="stl10", train_split="train", test_split="test", num_classes=10, resize=70, crop=64,
+                  interpolation="bicubic", mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), metric_prefix="stl10"),
+}
+# Demo datasets (tasks/datasets/*.write_demo) are smaller; ImageNet demo images are 64 px.
+DEMO_PRESETS = {
+    "imagenet": dict(num_classes=12, resize=64, crop=64),
+    "imagenet100": dict(num_classes=6, class_list=IN100_DEMO_CLASSES, resize=64, crop=64),
+    "stl10": dict(),
+}
+
+
+@dataclass(frozen=True)
+class FrozenFeatureProtocol:
+    dataset: str = param("imagenet", "the task's dataset")
+    train_split: str = param("train", "official train split (STL-10: the 5,000 labelled train images)")
+    test_split: str = param("val", "official validation/test split, as the paper reports (§8.1, §8.3)")
+    num_classes: int = param(1000, "the dataset's class count; a tree with another count is refused")
+    class_list: Optional[str] = param(None, "ImageNet-100: CMC's 100 synsets (shared/reference/imagenet100_classes.txt)")
+    metric_prefix: str = param("in1k", "metric names of shared/reference/paper_tables.csv")
+    resize: int = param(256, TRANSFORM_SOURCE)
+    crop: int = param(224, TRANSFORM_SOURCE)
+    interpolation: str = param("bilinear", TRANSFORM_SOURCE)
+    mean: tuple[float, ...] = param(IMAGENET_MEAN, TRANSFORM_SOURCE)
+    std: tuple[float, ...] = param(IMAGENET_STD, TRANSFORM_SOURCE)
+    batch_size: int = param(128, "runtime setting of feature extraction; does not change the features")
+    workers: int = param(2, "runtime setting (data-loading processes); does not change results")
+    skip_bad_images: bool = param(False, "suite policy: an unreadable image stops the run unless this is set")
+
+
+def read_classification(data_root, p: FrozenFeatureProtocol, split: str):
+    if p.dataset == "imagenet":
+        return read_imagenet(data_root / SUBDIRS["imagenet"], split, num_classes=p.num_classes)
+    if p.dataset == "imagenet100":
+        return read_imagenet(data_root / SUBDIRS["imagenet"], split, class_list=p.class_list,
+                             num_classes=p.num_classes, name="imagenet100")
+    if p.dataset == "stl10":
+        data = read_stl10(data_root / SUBDIRS["stl10"], split)
+        if len(data.classes) != p.num_classes:
+            raise UserError(f"STL-10 at {data_root / SUBDIRS['stl10']} has {len(data.classes)} classes, "
+                            f"the protocol expects {p.num_classes}")
+        return data
+    raise UserError(f"dataset {p.dataset!r} is not a frozen-feature classification dataset "
+                    f"(imagenet, imagenet100, stl10)")
+
+
+def train_test_features(ctx, p: FrozenFeatureProtocol):
+    """Read both splits (checking them before any extraction) and return their cached features."""
+    splits = {name: read_classification(ctx.data_root, p, getattr(p, f"{name}_split")) for name in ("train", "test")}
+    for name, data in splits.items():
+        if len(np.unique(data.labels)) < 2:
+            raise UserError(f"the {name} split of {p.dataset} holds fewer than two classes")
+    transform = EvalTransform(p.resize, p.crop, tuple(p.mean), tuple(p.std), p.interpolation)
+    out, info = {}, {"transform": transform.describe(), "feature_cache": {}}
+    for name, data in splits.items():
+        feats, labels, extra = extract_features(
+            ctx.model, ctx.checkpoint.cache_id, ctx.arch, data, transform, device=ctx.device,
+            batch_size=p.batch_size, num_workers=p.workers, skip_bad_images=p.skip_bad_images, log=ctx.log)
+        out[name] = (feats, labels)
+        info[f"{name}_size"] = len(labels)
+        info["feature_cache"][name] = extra["cache"]
+        if extra["skipped_images"]:
+            info[f"{name}_skipped_images"] = extra["skipped_images"]
+    info["feature_dim"] = out["train"][0].shape[1]
+    return out["train"], out["test"], info

@@ -1,0 +1,61 @@
+"""k-nearest-neighbour classification on frozen features (paper §8.3, following NPID / LA).
+
+Cosine similarity on L2-normalised pooled features, exact search with FAISS (GPU index when CUDA
+is there), each of the k neighbours voting exp(sim / T) for its class.
+"""
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluate.common import UserError
+from tasks.frozen import FrozenFeatureProtocol, train_test_features
+from tasks.metrics import topk_accuracy, weighted_knn_scores
+from tasks.protocol import param
+
+
+@dataclass(frozen=True)
+class KnnProtocol(FrozenFeatureProtocol):
+    k: tuple[int, ...] = param((5, 20, 200), "paper §8.3: 20/200-NN on ImageNet, 5-NN on ImageNet-100 and STL-10; "
+                                              "all three reported together")
+    temperature: float = param(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
+    query_chunk: int = param(4096, "runtime setting (queries searched per call); does not change results")
+
+
+def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, use_gpu: bool):
+    """Exact inner-product search: (similarities, indices), each (Q, k), best first."""
+    index = faiss.IndexFlatIP(bank.shape[1])
+    if use_gpu and hasattr(faiss, "StandardGpuResources"):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
+    sims, idx = [], []
+    for start in range(0, len(queries), chunk):
+        s, i = index.search(np.ascontiguousarray(queries[start:start + chunk].numpy(), dtype=np.float32), k)
+        sims.append(torch.from_numpy(s))
+        idx.append(torch.from_numpy(i))
+    return torch.cat(sims), torch.cat(idx)
+
+
+def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4096, use_gpu=False):
+    """{k: class scores (Q, C)} for every k in `ks` from one search for max(ks) neighbours."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    sims, idx = knn_search(train_x, test_x, max(ks), chunk, use_gpu)
+    neighbour_labels = train_y[idx]
+    return {k: weighted_knn_scores(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature) for k in ks}
+
+
+def run(ctx, p: KnnProtocol):
+    (xtr, ytr), (xte, yte), info = train_test_features(ctx, p)
+    too_big = [k for k in p.k if k > len(ytr)]
+    if too_big:
+        raise UserError(f"k={too_big[0]} exceeds the {len(ytr)} training images; lower it with --set k=...")
+    scores = knn_classify(xtr, ytr, xte, p.k, p.temperature, p.num_classes, p.query_chunk,
+                          use_gpu=ctx.device.startswith("cuda"))
+    metrics = {}
+    for k, s in scores.items():
+        acc = topk_accuracy(s, yte, (1, 5))
+        metrics[f"{p.metric_prefix}_knn{k}_top1"] = acc[1]
+        metrics[f"{p.metric_prefix}_knn{k}_top5"] = acc[5]
+    return metrics, info

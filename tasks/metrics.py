@@ -1,0 +1,23 @@
+"""Classification metrics as small pure functions (each tested against a brute-force reference)."""
+import torch
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """Percentage of rows whose label is among the k highest scores; k is capped at the class count."""
+    out = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        hit = (scores.topk(kk, dim=1).indices == labels[:, None]).any(dim=1)
+        out[k] = 100.0 * hit.float().mean().item()
+    return out
+
+
+def weighted_knn_scores(similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
+                        temperature: float) -> torch.Tensor:
+    """Class scores from the k nearest neighbours, each voting exp(sim / T) for its label (NPID, Wu et al. 2018).
+
+    similarities, neighbour_labels: (Q, k), neighbours sorted by decreasing similarity.
+    """
+    weights = (similarities / temperature).exp()
+    scores = torch.zeros(similarities.shape[0], num_classes, dtype=weights.dtype)
+    return scores.scatter_add_(1, neighbour_labels, weights)

@@ -1,0 +1,54 @@
+"""Every task `evaluate/run.py` knows: what it measures, on which data, by whose protocol."""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from tasks import knn, linear
+from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    measures: str
+    needs: str  # dataset folders under --data-root
+    source: str
+    protocol: object = None  # the published protocol (a dataclass instance); None: not implemented yet
+    demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
+    run: Optional[Callable] = None  # run(ctx, protocol) -> (metrics, info)
+
+    @property
+    def implemented(self) -> bool:
+        return self.run is not None
+
+
+def _knn(name, ds, needs, demo_extra=None):
+    return Task(name, f"20/200-NN and 5-NN top-1/top-5 of frozen features", needs, "paper §8.3; NPID kNN",
+                knn.KnnProtocol(**DATASET_PRESETS[ds]), {**DEMO_PRESETS[ds], **(demo_extra or {})}, knn.run)
+
+
+def _linear(name, ds, needs):
+    return Task(name, "linear classifier on frozen features, top-1/top-5", needs,
+                "paper §8.1; fast protocol: CLIP-style L-BFGS probe", linear.LinearProtocol(**DATASET_PRESETS[ds]),
+                dict(DEMO_PRESETS[ds]), linear.run)
+
+
+TASKS = {t.name: t for t in [
+    _linear("linear_in1k", "imagenet", "imagenet/"),
+    _linear("linear_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)"),
+    _linear("linear_stl10", "stl10", "stl10/stl10_binary/"),
+    Task("semisup_1pct", "finetuning on SimCLR's 1% ImageNet subset, top-1/top-5",
+         "imagenet/, imagenet_subsets/1percent.txt", "paper §8.2"),
+    Task("semisup_10pct", "finetuning on SimCLR's 10% ImageNet subset, top-1/top-5",
+         "imagenet/, imagenet_subsets/10percent.txt", "paper §8.2"),
+    _knn("knn_in1k", "imagenet", "imagenet/"),
+    # The demo ImageNet-100 train split has 180 images, fewer than 200 neighbours.
+    _knn("knn_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)", {"k": (5, 20, 100)}),
+    _knn("knn_stl10", "stl10", "stl10/stl10_binary/"),
+    Task("voc07_svm", "per-class linear SVMs on frozen features, VOC07 mAP", "VOCdevkit/VOC2007", "paper §8.4"),
+    Task("linear_places205", "linear classifier on frozen features, top-1", "places205/", "paper §8.4"),
+    Task("linear_inat18", "linear classifier on frozen features, top-1", "inat2018/", "paper §8.4"),
+    Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
+         "paper §8.4; MoCo's detection recipe"),
+    Task("coco_instseg", "Mask R-CNN R50-FPN finetuning, box and mask AP on val2017", "coco/",
+         "paper §8.4, §9"),
+]}
