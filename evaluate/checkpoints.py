@@ -9,7 +9,7 @@ format is one more entry there.
 import hashlib
 import pickle
 import re
-import zipfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,13 +74,15 @@ def read_file(path: Path):
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"checkpoint {path} is not a readable safetensors file ({e})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the file is judged below
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise UserError(f"checkpoint {path} needs arbitrary code to load (it pickles objects other than "
                             "tensors and containers); refused for safety, since checkpoints are untrusted files")
         raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError):
+    except Exception:  # an untrusted file can break the unpickler in any way (IndexError, KeyError, ...)
         raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
 
 

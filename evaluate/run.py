@@ -176,15 +176,20 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with the exit-code contract: 2 and one sentence for the user's mistakes."""
     try:
-        sys.exit(main())
+        return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; no record was written for the unfinished task", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -70,12 +70,14 @@ def read_classification(data_root, p: FrozenFeatureProtocol, split: str):
                     f"(imagenet, imagenet100, stl10)")
 
 
-def train_test_features(ctx, p: FrozenFeatureProtocol):
-    """Read both splits (checking them before any extraction) and return their cached features."""
+def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
+    """Read both splits, check them (and `check(splits)`) before any extraction, return their features."""
     splits = {name: read_classification(ctx.data_root, p, getattr(p, f"{name}_split")) for name in ("train", "test")}
     for name, data in splits.items():
         if len(np.unique(data.labels)) < 2:
             raise UserError(f"the {name} split of {p.dataset} holds fewer than two classes")
+    if check is not None:
+        check(splits)
     transform = EvalTransform(p.resize, p.crop, tuple(p.mean), tuple(p.std), p.interpolation)
     out, info = {}, {"transform": transform.describe(), "feature_cache": {}}
     for name, data in splits.items():

@@ -47,10 +47,13 @@ def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4
 
 
 def run(ctx, p: KnnProtocol):
-    (xtr, ytr), (xte, yte), info = train_test_features(ctx, p)
-    too_big = [k for k in p.k if k > len(ytr)]
-    if too_big:
-        raise UserError(f"k={too_big[0]} exceeds the {len(ytr)} training images; lower it with --set k=...")
+    def check(splits):
+        too_big = [k for k in p.k if k > len(splits["train"])]
+        if too_big:
+            raise UserError(f"k={too_big[0]} exceeds the {len(splits['train'])} training images; "
+                            "lower it with --set k=...")
+
+    (xtr, ytr), (xte, yte), info = train_test_features(ctx, p, check)
     scores = knn_classify(xtr, ytr, xte, p.k, p.temperature, p.num_classes, p.query_chunk,
                           use_gpu=ctx.device.startswith("cuda"))
     metrics = {}

@@ -1,0 +1,96 @@
+"""Checkpoint files: formats, strictness, architectures, and refusal to execute pickled code."""
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from evaluate.checkpoints import infer_arch, load_checkpoint, make_encoder
+from evaluate.common import UserError
+
+
+@pytest.fixture(scope="module")
+def r18_state():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().state_dict()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "wide_resnet50_2"])
+def test_infer_arch(arch):
+    assert infer_arch(torchvision.models.get_model(arch).state_dict()) == arch
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".pth.tar"])
+def test_torchvision_state_dict_loads_identically(tmp_path, r18_state, wrap, suffix):
+    path = tmp_path / f"ckpt{suffix}"
+    torch.save(r18_state if wrap is None else {wrap: r18_state, "epoch": 3}, path)
+    model, info, arch = make_encoder(str(path))
+    assert arch == "resnet18" and info.format == "torchvision" and info.dropped == {"classifier head (fc)": 2}
+    got = model.state_dict()
+    for k, v in r18_state.items():
+        if not k.startswith("fc."):
+            assert torch.equal(got[k], v), k
+
+
+def test_safetensors(tmp_path, r18_state):
+    path = tmp_path / "ckpt.safetensors"
+    save_file({k: v.contiguous() for k, v in r18_state.items()}, str(path))
+    model, info, arch = make_encoder(str(path))
+    assert torch.equal(model.state_dict()["layer4.1.bn2.running_var"], r18_state["layer4.1.bn2.running_var"])
+
+
+def test_strict_missing_and_wrong_arch(tmp_path, r18_state):
+    sd = dict(r18_state)
+    del sd["layer3.0.conv1.weight"]
+    torch.save(sd, tmp_path / "missing.pth")
+    with pytest.raises(UserError, match=r"1 missing \(layer3.0.conv1.weight\)"):
+        make_encoder(str(tmp_path / "missing.pth"), arch="resnet18")
+    torch.save(r18_state, tmp_path / "r18.pth")
+    with pytest.raises(UserError, match="does not fit resnet50"):
+        make_encoder(str(tmp_path / "r18.pth"), arch="resnet50")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"this is not a checkpoint", "not a readable checkpoint"),
+])
+def test_unreadable_files(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+def test_truncated_file(tmp_path, r18_state):
+    path = tmp_path / "r18.pth"
+    torch.save(r18_state, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = str(marker)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": payload}, f)
+    with pytest.raises(UserError, match="refused for safety"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_non_resnet_is_refused(tmp_path):
+    torch.save({"patch_embed.proj.weight": torch.zeros(384, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(3, 3)},
+               tmp_path / "vit.pth")
+    with pytest.raises(UserError, match="not in a known ResNet format"):
+        load_checkpoint(tmp_path / "vit.pth")
