@@ -1,0 +1,1 @@
+"""MSBReg pretraining: K-view BYOL-style training producing ResNet checkpoints."""
