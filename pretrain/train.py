@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""MSBReg pretraining (paper §3, §7): K views, EMA target, centroid + Brownian + singular value losses.
+
+    python pretrain/train.py --config demo
+    python pretrain/train.py --config in100_r18_k4 data_root=/data batch_size=256
+    torchrun --nproc_per_node 8 pretrain/train.py --config imagenet_r50_k4 data_root=/data
+    python pretrain/train.py --config demo --resume          # continue runs/demo/last.pth
+
+Writes `<out_dir>/last.pth` (everything needed to resume; atomically, every `save_every_steps` and
+at the end), `backbone.pth` (the online ResNet in torchvision format, no `fc`: `evaluate/run.py
+--ckpt` takes it as it is), `config.yaml`, `log.jsonl` and TensorBoard events under `tb/`.
+Exit codes: 0 done (or stopped by `stop_after_steps`); 2 a mistake in the command or config; 1 a
+bug, or a loss that became NaN/Inf (the last good checkpoint is kept).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from evaluate.common import UserError, atomic_torch_save, atomic_write_text  # noqa: E402
+from pretrain import losses  # noqa: E402
+from pretrain.augment import ViewAugment, make_views  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+from pretrain.data import DecodedImages, epoch_order, pretrain_images  # noqa: E402
+from pretrain.model import Online, Target, ema_update, target_pairs, tau_schedule  # noqa: E402
+from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate  # noqa: E402
+
+CHECKPOINT_FORMAT = "ssl-suite-pretrain"
+# Keys that may change when a run is resumed; every other key must match the stopped run's config.
+RUNTIME_KEYS = {"workers", "save_every_steps", "log_every_steps", "stop_after_steps", "device", "out_dir"}
+
+
+class Diverged(Exception):
+    pass
+
+
+def per_view(value, k, key):
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * k
+    if len(values) != k:
+        raise UserError(f"{key} lists {len(values)} values for {k} views")
+    return values
+
+
+def view_augments(cfg):
+    blur, sol = per_view(cfg.blur_p, cfg.views, "blur_p"), per_view(cfg.solarize_p, cfg.views, "solarize_p")
+    return [ViewAugment(cfg.crop_size, (cfg.crop_scale_min, 1.0), cfg.flip_p, cfg.jitter_p, cfg.brightness,
+                        cfg.contrast, cfg.saturation, cfg.hue, cfg.gray_p, b, s) for b, s in zip(blur, sol)]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index lists for steps start..total-1 of this rank: epoch order by (seed, epoch), rank slice, micro-batches."""
+
+    def __init__(self, n, batch, start, total, seed, rank, world, accumulate):
+        self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, seed
+        self.rank, self.world, self.accumulate = rank, world, accumulate
+        self.steps_per_epoch = n // batch
+
+    def __len__(self):
+        return (self.total - self.start) * self.accumulate
+
+    def __iter__(self):
+        order, order_epoch = None, -1
+        per_rank = self.batch // self.world
+        micro = per_rank // self.accumulate
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(self.n, self.seed, epoch), epoch
+            mine = order[pos * self.batch:(pos + 1) * self.batch][self.rank * per_rank:(self.rank + 1) * per_rank]
+            for a in range(self.accumulate):
+                yield mine[a * micro:(a + 1) * micro].tolist()
+
+
+def gather_batch(x):
+    """The global batch along dim 0, with gradients flowing back to every rank's part."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), 0)
+
+
+@torch.no_grad()
+def collapse_monitors(z):
+    """Std of L2-normalised embeddings (≈ 1/sqrt(d) when spread, 0 when collapsed) and effective rank."""
+    zn = torch.nn.functional.normalize(z.float(), dim=-1)
+    std = zn.std(0).mean().item()
+    sv = torch.linalg.svdvals(zn - zn.mean(0))
+    p = sv / sv.sum().clamp_min(1e-12)
+    erank = math.exp(-(p * (p + 1e-12).log()).sum().item())
+    return std, erank
+
+
+def compute_losses(cfg, online, target, views, g):
+    """Loss terms for one micro-batch of views (K, b, 3, H, W); returns (total, dict of floats, z)."""
+    k, b = views.shape[:2]
+    x = views.flatten(0, 1)
+    if x.is_cuda and cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p, z_online = online(x)
+    p = p.view(k, b, -1).transpose(0, 1)
+    z = target(x).view(k, b, -1).transpose(0, 1).detach()
+    terms = {}
+    if cfg.loss == "byol":
+        total = losses.byol_loss(p, z)
+        terms["loss_byol"] = total.item()
+    else:
+        total = losses.multiview_centroid_loss(p, z)
+        terms["loss_centroid"] = total.item()
+        if cfg.lambda_b:
+            noise = torch.randn(b, p.shape[-1], generator=g, device=g.device).to(p.dtype)
+            lb = losses.brownian_loss(p, noise)
+            total = total + cfg.lambda_b * lb
+            terms["loss_brownian"] = lb.item()
+        if cfg.lambda_s:
+            ls = losses.singular_value_loss(gather_batch(p.float()), cfg.svl_normalize)
+            total = total + cfg.lambda_s * ls
+            terms["loss_singular"] = ls.item()
+    terms["loss"] = total.item()
+    return total, terms, z_online
+
+
+def checkpoint_state(cfg, step, online, target, opt, scaler, last_metrics):
+    return {"format": CHECKPOINT_FORMAT, "version": 1, "config": dataclasses.asdict(cfg), "step": step,
+            "online": online.state_dict(), "target": target.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state()}, "metrics": last_metrics}
+
+
+def export_backbone(online, path):
+    sd = {k: v.detach().cpu() for k, v in online.backbone.state_dict().items() if not k.startswith("fc.")}
+    atomic_torch_save(sd, path)
+
+
+def setup_device(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda, but no CUDA device is available; use device=cpu")
+    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return device, rank, world
+
+
+def train(cfg, name, resume=False, log=print):
+    device, rank, world = setup_device(cfg)
+    out = Path(cfg.out_dir.format(name=name))
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by {world} devices x {cfg.accumulate} "
+                        "accumulation steps")
+    if cfg.loss not in ("msbreg", "byol") or (cfg.loss == "byol" and cfg.views != 2):
+        raise UserError("loss must be msbreg, or byol with views=2")
+    augs = view_augments(cfg)
+    images = DecodedImages(pretrain_images(cfg), cfg.decode_size)
+    steps_per_epoch = len(images) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training images")
+    total = cfg.epochs * steps_per_epoch
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if warmup >= total:
+        raise UserError(f"{cfg.warmup_epochs} warm-up epochs ({warmup} steps) leave nothing of the {total} steps")
+    max_lr = max_learning_rate(cfg.base_lr, cfg.batch_size, cfg.views)
+
+    torch.manual_seed(cfg.seed)
+    online = Online(cfg.arch, cfg.proj_hidden, cfg.proj_out, cfg.pred_hidden, cfg.head_norm)
+    if cfg.sync_bn and world > 1:
+        online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    target = Target(online)
+    online.to(device), target.to(device)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    opt = LARS(lars_param_groups(online.named_parameters()), lr=max_lr, momentum=cfg.momentum,
+               weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start, last_metrics = 0, {}
+    if resume:
+        path = out / "last.pth"
+        if not path.is_file():
+            raise UserError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=device, weights_only=True)
+        changed = [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in RUNTIME_KEYS and state["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
+        if changed:
+            raise UserError(f"--resume: the config differs from the stopped run's in {', '.join(changed)}")
+        online.load_state_dict(state["online"])
+        target.load_state_dict(state["target"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        start, last_metrics = state["step"], state["metrics"]
+        log(f"resumed {path} at step {start}")
+    model = torch.nn.parallel.DistributedDataParallel(online, device_ids=[device] if cuda else None) \
+        if world > 1 else online
+    pairs = target_pairs(target, online)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tb")
+        log(f"{name}: {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, K={cfg.views}, "
+            f"max LR {max_lr:g}, device {device}, {world} process(es) -> {out}")
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=StepBatches(len(images), cfg.batch_size, start, total, cfg.seed, rank, world,
+                                          cfg.accumulate),
+        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
+    batches = iter(loader)
+    stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
+    bar = tqdm(range(start, stop_at), initial=start, total=total, desc=name, disable=rank != 0, unit="step")
+    for step in bar:
+        lr, tau = learning_rate(step, total, warmup, max_lr), tau_schedule(step, total, cfg.tau_base)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        terms_sum = {}
+        for micro in range(cfg.accumulate):
+            batch = next(batches).to(device, non_blocking=True)
+            views = make_views(batch, augs, g)
+            sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                total_loss, terms, z_online = compute_losses(cfg, model, target, views, g)
+                if not math.isfinite(total_loss.item()):
+                    raise Diverged(f"the loss became {total_loss.item()} at step {step} "
+                                   f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); "
+                                   f"the last good checkpoint is {out / 'last.pth'}")
+                loss = total_loss / cfg.accumulate
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.accumulate
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(pairs, tau)
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every_steps == 0 or done == stop_at):
+            std, erank = collapse_monitors(z_online)
+            last_metrics = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "tau": tau, **terms_sum,
+                            "embedding_std": std, "effective_rank": erank, "time": time.time()}
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(last_metrics) + "\n")
+            for k, v in last_metrics.items():
+                if k not in ("step", "time"):
+                    writer.add_scalar(k, v, done)
+            bar.set_postfix(loss=f"{terms_sum['loss']:.4f}", std=f"{std:.3f}")
+        if rank == 0 and (done % cfg.save_every_steps == 0 or done == stop_at):
+            atomic_torch_save(checkpoint_state(cfg, done, online, target, opt, scaler, last_metrics), out / "last.pth")
+    bar.close()
+    if rank == 0:
+        writer.close()
+        if stop_at == total:
+            export_backbone(online, out / "backbone.pth")
+            log(f"done: {out / 'backbone.pth'} (evaluate it with evaluate/run.py --ckpt {out / 'backbone.pth'})")
+        else:
+            log(f"stopped at step {stop_at} of {total}; continue with --resume")
+    if world > 1:
+        dist.destroy_process_group()
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a name in pretrain/configs/ or a YAML path")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pth")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg, name = load_config(args.config, args.overrides)
+    return train(cfg, name, resume=args.resume)
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
