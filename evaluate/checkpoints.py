@@ -6,19 +6,21 @@ object is of its kind and returns the plain torchvision backbone state dict (no 
 dropped and the input normalisation the weights expect. Formats live in `FORMATS`; a new release
 format is one more entry there.
 """
+import argparse
 import hashlib
+import io
 import pickle
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from evaluate.common import UserError
+from evaluate.formats import FORMAT_NAMES, FORMATS, RESNET_KEY
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,18 +37,51 @@ class Checkpoint:
     part: str = None
     dropped: dict = field(default_factory=dict)  # group -> number of keys dropped
     input_normalization: tuple = None  # (mean, std) the weights expect, when the format says so
+    notes: dict = field(default_factory=dict)
 
     @property
     def cache_id(self) -> str:
         return self.sha256 or self.path
 
 
-@dataclass
-class CheckpointFormat:
-    name: str
-    describe: str
-    detect: Callable  # loaded object -> bool
-    extract: Callable  # (loaded object, part) -> (state dict, part taken, dropped keys)
+# Plain-data classes that some releases pickle beside their tensors (DINO saves its argparse
+# arguments); unpickling them only sets attributes, it runs no code of the file's choosing.
+SAFE_GLOBALS = [argparse.Namespace]
+
+# The globals a Detectron2 .pkl (a plain pickle of numpy arrays) needs, and nothing else.
+PLAIN_PICKLE_GLOBALS = {
+    ("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in PLAIN_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _load_plain_pickle(path: Path):
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if "is not allowed" in str(e):
+            raise UserError(f"checkpoint {path} needs code beyond numpy arrays and plain containers to load "
+                            f"({str(e).split()[1]}); refused for safety, since checkpoints are untrusted files")
+        raise UserError(f"checkpoint {path} is not a readable pickle (truncated or not a checkpoint)")
+    except Exception:  # noqa: BLE001 - any failure of an untrusted file is the file's fault
+        raise UserError(f"checkpoint {path} is not a readable pickle (truncated or not a checkpoint)")
+    return _numpy_to_torch(obj)
+
+
+def _numpy_to_torch(obj):
+    if isinstance(obj, dict):
+        return {k: _numpy_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
 
 
 # ---- reading files ----------------------------------------------------------------------------
@@ -73,57 +108,22 @@ def read_file(path: Path):
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"checkpoint {path} is not a readable safetensors file ({e})")
+    if path.suffix == ".pkl":
+        return _load_plain_pickle(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the file is judged below
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise UserError(f"checkpoint {path} needs arbitrary code to load (it pickles objects other than "
-                            "tensors and containers); refused for safety, since checkpoints are untrusted files")
+            needed = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(e))
+            what = f" ({needed.group(1)})" if needed else ""
+            raise UserError(f"checkpoint {path} needs code beyond tensors and plain containers to load{what}; "
+                            "refused for safety, since checkpoints are untrusted files (if you trust it, re-save "
+                            "its state dict alone with torch.save)")
         raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
     except Exception:  # an untrusted file can break the unpickler in any way (IndexError, KeyError, ...)
         raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
-
-
-# ---- formats ----------------------------------------------------------------------------------
-
-RESNET_KEY = re.compile(r"^(conv1\.|bn1\.|layer[1-4]\.\d+\.|fc\.)")
-
-
-def _tensor_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _is_resnet_state_dict(obj) -> bool:
-    return _tensor_dict(obj) and "conv1.weight" in obj and any(k.startswith("layer1.") for k in obj)
-
-
-def _torchvision_payload(obj):
-    if _is_resnet_state_dict(obj):
-        return obj, None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and _is_resnet_state_dict(obj.get(key)):
-            return obj[key], key
-    return None, None
-
-
-def _extract_torchvision(obj, part):
-    sd, where = _torchvision_payload(obj)
-    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    dropped = Counter("classifier head (fc)" if k.startswith("fc.") else "" for k in sd if k not in backbone)
-    return backbone, where, dict(dropped)
-
-
-FORMATS = [
-    CheckpointFormat(
-        "torchvision",
-        "torchvision / timm ResNet state dict, plain or under 'state_dict' / 'model'",
-        detect=lambda obj: _torchvision_payload(obj)[0] is not None,
-        extract=_extract_torchvision,
-    ),
-]
-FORMAT_NAMES = [f.name for f in FORMATS]
 
 
 def _summarise_keys(obj, limit=5) -> str:
@@ -143,7 +143,7 @@ def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
         if not matches[0].detect(obj):
             raise UserError(f"checkpoint {path} is not laid out as format {format_name!r} ({matches[0].describe})")
     else:
-        matches = [f for f in FORMATS if f.detect(obj)]
+        matches = [f for f in FORMATS if f.auto and f.detect(obj)]
         if not matches:
             raise UserError(f"checkpoint {path} is not in a known ResNet format (top-level keys: "
                             f"{_summarise_keys(obj)}); known formats: {', '.join(FORMAT_NAMES)}")
@@ -152,8 +152,11 @@ def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
                             "choose one with --ckpt-format")
     fmt = matches[0]
     state_dict, taken, dropped = fmt.extract(obj, part)
+    if not state_dict:
+        raise UserError(f"checkpoint {path} (format {fmt.name}) holds no backbone weights")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    return Checkpoint(state_dict, str(path.resolve()), sha256_of(path), fmt.name, taken, dropped)
+    return Checkpoint(state_dict, str(path.resolve()), sha256_of(path), fmt.name, taken, dropped,
+                      fmt.input_normalization, dict(fmt.notes))
 
 
 # ---- architectures ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Small things every part of the suite needs: the user-error type, paths, atomic writes."""
+import argparse
 import json
 import os
 import tempfile
@@ -9,6 +10,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class UserError(Exception):
     """A mistake the user can fix; `evaluate/run.py` prints it as one sentence and exits with 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one sentence and exit code 2, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def cache_dir() -> Path:

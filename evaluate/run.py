@@ -15,14 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import REPO_ROOT, UserError  # noqa: E402
+from evaluate.common import REPO_ROOT, ArgumentParser, UserError  # noqa: E402
 
 EXIT_USER_ERROR = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors are the user's mistakes too: exit 2, one sentence
-        raise UserError(f"{message} (see --help)")
 
 
 def task_table() -> str:
@@ -144,6 +139,11 @@ def main(argv=None) -> int:
           + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
     if checkpoint.dropped:
         print("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
+    if checkpoint.input_normalization is not None:
+        print(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
+              f"std {checkpoint.input_normalization[1]}")
+    for key, note in checkpoint.notes.items():
+        print(f"  note ({key}): {note}")
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out)
     for t, p in zip(tasks, protocols):
         print(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
             "data": {"root": str(data_root), **info},
             "protocol": as_record(p, t.protocol),
             "checkpoint": {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
-                           "part": checkpoint.part, "dropped": checkpoint.dropped},
+                           "part": checkpoint.part, "dropped": checkpoint.dropped,
+                           "input_normalization": checkpoint.input_normalization, "notes": checkpoint.notes},
             "arch": arch,
             "seed": args.seed,
             "device": device,

@@ -28,6 +28,7 @@ class ViewAugment:
     hue: float = 0.1
     gray_p: float = 0.2
     blur_p: float = 1.0
+    blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.2
 
 
@@ -118,9 +119,9 @@ def augment_view(images_u8, aug: ViewAugment, g, mean=IMAGENET_MEAN, std=IMAGENE
     x = torch.where(jit[:, None, None, None], _shift_hue(x, hue), x)
     gray = torch.rand(b, generator=g, device=device) < aug.gray_p
     x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
-    # Blur: sigma in [0.1, 2.0], kernel 10% of the crop (BYOL, SimCLR).
+    # Blur: sigma in [0.1, 2.0] px at 224 px in BYOL and SimCLR, kernel 10% of the crop.
     blur = torch.rand(b, generator=g, device=device) < aug.blur_p
-    sigma = _uniform(b, 0.1, 2.0, g, device)
+    sigma = _uniform(b, aug.blur_sigma[0], aug.blur_sigma[1], g, device)
     kernel = max(3, int(0.1 * aug.crop_size) // 2 * 2 + 1)
     x = torch.where(blur[:, None, None, None], _blur(x, sigma, kernel), x)
     sol = torch.rand(b, generator=g, device=device) < aug.solarize_p

@@ -49,6 +49,7 @@ class PretrainConfig:
     hue: float = 0.1
     gray_p: float = 0.2
     blur_p: typing.Any = 1.0
+    blur_sigma: typing.Any = (0.1, 2.0)  # pixels of the crop; BYOL / SimCLR at 224 px
     solarize_p: typing.Any = 0.2
     # optimisation
     epochs: int = 320

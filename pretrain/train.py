@@ -12,7 +12,6 @@ at the end), `backbone.pth` (the online ResNet in torchvision format, no `fc`: `
 Exit codes: 0 done (or stopped by `stop_after_steps`); 2 a mistake in the command or config; 1 a
 bug, or a loss that became NaN/Inf (the last good checkpoint is kept).
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluate.common import UserError, atomic_torch_save, atomic_write_text  # noqa: E402
+from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_text  # noqa: E402
 from pretrain import losses  # noqa: E402
 from pretrain.augment import ViewAugment, make_views  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -57,7 +56,8 @@ def per_view(value, k, key):
 def view_augments(cfg):
     blur, sol = per_view(cfg.blur_p, cfg.views, "blur_p"), per_view(cfg.solarize_p, cfg.views, "solarize_p")
     return [ViewAugment(cfg.crop_size, (cfg.crop_scale_min, 1.0), cfg.flip_p, cfg.jitter_p, cfg.brightness,
-                        cfg.contrast, cfg.saturation, cfg.hue, cfg.gray_p, b, s) for b, s in zip(blur, sol)]
+                        cfg.contrast, cfg.saturation, cfg.hue, cfg.gray_p, b, tuple(cfg.blur_sigma), s)
+            for b, s in zip(blur, sol)]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -283,7 +283,7 @@ def train(cfg, name, resume=False, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a name in pretrain/configs/ or a YAML path")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pth")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -78,8 +78,13 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
             raise UserError(f"the {name} split of {p.dataset} holds fewer than two classes")
     if check is not None:
         check(splits)
-    transform = EvalTransform(p.resize, p.crop, tuple(p.mean), tuple(p.std), p.interpolation)
-    out, info = {}, {"transform": transform.describe(), "feature_cache": {}}
+    mean, std = tuple(p.mean), tuple(p.std)
+    out, info = {}, {"feature_cache": {}}
+    if ctx.checkpoint.input_normalization is not None:  # the weights expect their own input scaling
+        mean, std = ctx.checkpoint.input_normalization
+        info["input_normalization"] = f"mean {mean}, std {std}, from checkpoint format {ctx.checkpoint.format}"
+    transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
+    info["transform"] = transform.describe()
     for name, data in splits.items():
         feats, labels, extra = extract_features(
             ctx.model, ctx.checkpoint.cache_id, ctx.arch, data, transform, device=ctx.device,

@@ -29,7 +29,7 @@ SUBDIRS = {
 }
 
 # Bump when a generator changes, so that cached demo data is made anew.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 def demo_root() -> Path:

@@ -1,7 +1,8 @@
 """Procedural images for the demo datasets.
 
-Class identity is carried by shape (12 polygons) and, beyond 12 classes, by a striped fill; colour,
-position, scale, rotation and background are nuisances. A good encoder therefore separates classes
+Class identity is carried by a shape (12 polygons) and a fill texture (12 patterns, each unchanged
+by a horizontal flip), a distinct pair per class; colours, texture period, position, scale, rotation,
+blur and background are nuisances. A good encoder therefore separates classes
 that a random one mixes up, and every object has an exact polygon, mask and box for detection.
 """
 import math
@@ -40,10 +41,28 @@ SHAPES = {
 }
 SHAPE_NAMES = list(SHAPES)
 
+# Fill patterns, unchanged by a horizontal flip (the augmentations flip); `p` is the period in pixels.
+TEXTURES = {
+    "solid": lambda xx, yy, cx, cy, p: np.ones_like(xx, bool),
+    "hstripes": lambda xx, yy, cx, cy, p: (yy // p) % 2 == 0,
+    "vstripes": lambda xx, yy, cx, cy, p: (xx // p) % 2 == 0,
+    "checker": lambda xx, yy, cx, cy, p: ((xx // p) + (yy // p)) % 2 == 0,
+    "dots": lambda xx, yy, cx, cy, p: ((xx % (2 * p)) - p) ** 2 + ((yy % (2 * p)) - p) ** 2 > (0.6 * p) ** 2,
+    "grid": lambda xx, yy, cx, cy, p: (xx % (2 * p) >= 2) & (yy % (2 * p) >= 2),
+    "crosshatch": lambda xx, yy, cx, cy, p: (((xx + yy) // p) % 2 == 0) ^ (((xx - yy) // p) % 2 == 0),
+    "rings": lambda xx, yy, cx, cy, p: (np.hypot(xx - cx, yy - cy) // p) % 2 == 0,
+    "speckle": None,  # random pixels, drawn with the generator
+    "sectors": lambda xx, yy, cx, cy, p: (np.floor(np.arctan2(yy - cy, np.abs(xx - cx)) / (np.pi / 4)) % 2) == 0,
+    "outline": None,  # the polygon's border only
+    "ramp": None,  # a linear blend between the two colours
+}
+TEXTURE_NAMES = list(TEXTURES)
+
 
 def class_style(cls: int):
-    """Class index -> (shape name, striped?)."""
-    return SHAPE_NAMES[cls % len(SHAPE_NAMES)], (cls // len(SHAPE_NAMES)) % 2 == 1
+    """Class index -> (shape name, texture name); the first 144 classes get distinct pairs."""
+    n = len(SHAPE_NAMES)
+    return SHAPE_NAMES[cls % n], TEXTURE_NAMES[(cls + cls // n) % n]
 
 
 def _random_colour(rng, avoid=None):
@@ -67,30 +86,42 @@ def polygon(shape, cx, cy, radius, angle):
     return [(cx + radius * (x * ca - y * sa), cy + radius * (x * sa + y * ca)) for x, y in SHAPES[shape]]
 
 
-def draw_object(img, poly, colour, striped, rng):
-    """Paint `poly` onto `img` in place; return its boolean mask (H, W)."""
+def draw_object(img, poly, colour, texture, rng):
+    """Paint `poly` with `texture` onto `img` in place; return its boolean mask (H, W)."""
     w, h = img.size
     mask_img = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask_img).polygon(poly, fill=255)
-    fill = Image.new("RGB", (w, h), colour)
-    if striped:
-        period = int(rng.integers(4, 8))
-        stripes = Image.new("RGB", (w, h), _random_colour(rng, avoid=colour))
-        yy, xx = np.mgrid[0:h, 0:w]
-        on = ((xx + yy) // period) % 2 == 0
-        fill = Image.fromarray(np.where(on[..., None], np.asarray(fill), np.asarray(stripes)))
-    img.paste(fill, (0, 0), mask_img)
+    other = np.asarray(_random_colour(rng, avoid=colour), np.float32)
+    first = np.asarray(colour, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cx, cy = np.mean([p[0] for p in poly]), np.mean([p[1] for p in poly])
+    period = int(rng.integers(3, 6))
+    if texture == "speckle":
+        on = rng.random((h, w)) < 0.5
+    elif texture == "outline":
+        border = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(border).polygon(poly, outline=255, width=max(2, period))
+        on = np.asarray(border) > 127
+    elif texture == "ramp":
+        t = np.clip((xx - cx) / (2 * max(1.0, np.ptp([p[0] for p in poly]) / 2)) + 0.5, 0, 1)[..., None]
+        fill = (1 - t) * first + t * other
+        img.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), mask_img)
+        return np.asarray(mask_img) > 127
+    else:
+        on = TEXTURES[texture](xx, yy, cx, cy, period)
+    fill = np.where(on[..., None], first, other)
+    img.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), mask_img)
     return np.asarray(mask_img) > 127
 
 
 def classification_image(rng, cls, size):
     """One object of class `cls`, random nuisances, on a `size` x `size` canvas."""
     img, bg = background(rng, size, size)
-    shape, striped = class_style(cls)
-    radius = size * rng.uniform(0.22, 0.4)
+    shape, texture = class_style(cls)
+    radius = size * rng.uniform(0.28, 0.45)
     cx, cy = rng.uniform(radius, size - radius, size=2)
     poly = polygon(shape, cx, cy, radius, rng.uniform(0, 2 * math.pi))
-    draw_object(img, poly, _random_colour(rng, avoid=bg), striped, rng)
+    draw_object(img, poly, _random_colour(rng, avoid=bg), texture, rng)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
     return img
@@ -106,7 +137,7 @@ def scene(rng, classes, width, height, min_frac=0.12, max_frac=0.3):
     occupied = np.zeros((height, width), bool)
     objects = []
     for cls in classes:
-        shape, striped = class_style(cls)
+        shape, texture = class_style(cls)
         for _ in range(50):
             radius = min(width, height) * rng.uniform(min_frac, max_frac)
             cx = rng.uniform(radius, width - radius)
@@ -118,7 +149,7 @@ def scene(rng, classes, width, height, min_frac=0.12, max_frac=0.3):
                 break
         else:
             continue
-        mask = draw_object(img, poly, _random_colour(rng, avoid=bg), striped, rng)
+        mask = draw_object(img, poly, _random_colour(rng, avoid=bg), texture, rng)
         occupied |= np.asarray(probe) > 0
         ys, xs = np.nonzero(mask)
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
