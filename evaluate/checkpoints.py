@@ -38,6 +38,7 @@ class Checkpoint:
     dropped: dict = field(default_factory=dict)  # group -> number of keys dropped
     input_normalization: tuple = None  # (mean, std) the weights expect, when the format says so
     notes: dict = field(default_factory=dict)
+    pretraining: dict = None  # this suite's pretraining settings, when the checkpoint carries them
 
     @property
     def cache_id(self) -> str:
@@ -156,7 +157,28 @@ def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
         raise UserError(f"checkpoint {path} (format {fmt.name}) holds no backbone weights")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     return Checkpoint(state_dict, str(path.resolve()), sha256_of(path), fmt.name, taken, dropped,
-                      fmt.input_normalization, dict(fmt.notes))
+                      fmt.input_normalization, dict(fmt.notes), pretraining_settings(path, obj))
+
+
+def pretraining_settings(path: Path, obj) -> dict:
+    """This suite's pretraining config, from last.pth itself or the config.yaml beside an exported backbone.
+
+    The result tables use it to place a checkpoint in the paper's rows (method, K, λ_s, λ_b, ...).
+    """
+    import yaml
+
+    config = obj.get("config") if isinstance(obj, dict) and obj.get("format") == "ssl-suite-pretrain" else None
+    sidecar = path.parent / "config.yaml"
+    if config is None and sidecar.is_file() and (path.parent / "last.pth").is_file():
+        try:
+            config = yaml.safe_load(sidecar.read_text())
+        except yaml.YAMLError:
+            config = None
+    if not isinstance(config, dict) or "loss" not in config:
+        return None
+    keys = ("dataset", "arch", "views", "loss", "lambda_s", "lambda_b", "head_norm", "batch_size", "epochs",
+            "max_steps", "svl_normalize")
+    return {k: config.get(k) for k in keys}
 
 
 # ---- architectures ----------------------------------------------------------------------------

@@ -21,3 +21,13 @@ def weighted_knn_scores(similarities: torch.Tensor, neighbour_labels: torch.Tens
     weights = (similarities / temperature).exp()
     scores = torch.zeros(similarities.shape[0], num_classes, dtype=weights.dtype)
     return scores.scatter_add_(1, neighbour_labels, weights)
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
+    """Wang & Isola (2020): mean ||x_i - y_i||^alpha over positive pairs of L2-normalised features."""
+    return (x - y).norm(dim=1).pow(alpha).mean().item()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
+    """Wang & Isola (2020): log of the mean Gaussian potential exp(-t ||x_i - x_j||^2) over pairs i < j."""
+    return torch.pdist(x.double(), p=2).pow(2).mul(-t).exp().mean().log().item()

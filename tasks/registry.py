@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from tasks import knn, linear
+from tasks import align_uniform, knn, linear
 from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS
 
 
@@ -49,6 +49,9 @@ TASKS = {t.name: t for t in [
     Task("linear_inat18", "linear classifier on frozen features, top-1", "inat2018/", "paper §8.4"),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
          "paper §8.4; MoCo's detection recipe"),
+    Task("align_uniform", "alignment and uniformity of features of two augmented views (Table 12)",
+         "imagenet/ (the 100 CMC synsets)", "Wang & Isola 2020; paper Table 12",
+         align_uniform.AlignUniformProtocol(), align_uniform.DEMO, align_uniform.run),
     Task("coco_instseg", "Mask R-CNN R50-FPN finetuning, box and mask AP on val2017", "coco/",
          "paper §8.4, §9"),
 ]}
