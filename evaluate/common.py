@@ -2,7 +2,9 @@
 import argparse
 import json
 import os
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +64,22 @@ def atomic_torch_save(obj, path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_cli(main, argv=None, failures=()) -> int:
+    """Run `main(argv)` with the suite's exit codes: 0 done; 2 and one sentence for a UserError;
+    1 and one sentence for the exception types in `failures`; 1 and a traceback for anything else (a bug)."""
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing unfinished was written", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1

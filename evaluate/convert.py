@@ -14,12 +14,11 @@ Exit codes: 0 done, 2 the user's mistake, 1 a bug.
 import io
 import pickle
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_bytes  # noqa: E402
+from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_bytes, run_cli  # noqa: E402
 
 TARGETS = ("torchvision", "safetensors", "detectron2")
 
@@ -74,14 +73,7 @@ def main(argv=None):
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import REPO_ROOT, ArgumentParser, UserError, atomic_write_bytes, atomic_write_text  # noqa: E402
+from evaluate.common import REPO_ROOT, ArgumentParser, UserError, atomic_write_bytes, run_cli  # noqa: E402
 from evaluate.records import read_records  # noqa: E402
-from evaluate.tables import (TITLES, Cell, build_table, checkpoint_key, method_label, read_paper,  # noqa: E402
-                             row_matches, PaperValue)
+from evaluate.tables import TITLES, Cell, build_table, checkpoint_key, read_paper, row_matches  # noqa: E402
 
 
 def _csv(rows) -> str:
@@ -262,11 +261,7 @@ def main(argv=None):
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ import argparse
 import dataclasses
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import REPO_ROOT, ArgumentParser, UserError  # noqa: E402
+from evaluate.common import REPO_ROOT, ArgumentParser, UserError, run_cli  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
             "demo": args.demo,
             "engine": "pytorch",
             "metrics": metrics,
-            "data": {"root": str(data_root), **info},
+            "data": {"dataset": getattr(p, "dataset", None), "root": str(data_root), **info},
             "protocol": as_record(p, t.protocol),
             "checkpoint": {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
                            "part": checkpoint.part, "dropped": checkpoint.dropped,
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
             "device": device,
             "git_commit": records.git_commit(),
             "packages": records.package_versions(),
-            "command": " ".join(sys.argv),
+            "command": "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "wall_time_s": round(time.time() - started, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -175,22 +174,16 @@ def main(argv=None) -> int:
         print(f"  record: {path}")
     summary = records.write_summary(args.out)
     print(f"summary: {summary}")
+    from evaluate.report import write_report
+
+    written, _ = write_report(args.out, args.out / "tables")
+    print(f"tables: {args.out / 'tables'} ({len(written)} files; python evaluate/report.py rebuilds them)")
     return 0
 
 
 def cli(argv=None) -> int:
     """main() with the exit-code contract: 2 and one sentence for the user's mistakes."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; no record was written for the unfinished task", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_text  # noqa: E402
+from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_text, run_cli  # noqa: E402
 from pretrain import losses  # noqa: E402
 from pretrain.augment import ViewAugment, make_views  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -289,22 +288,12 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg, name = load_config(args.config, args.overrides)
-    return train(cfg, name, resume=args.resume)
+    train(cfg, name, resume=args.resume)
+    return 0
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return run_cli(main, argv, failures=(Diverged,))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class Task:
 
 
 def _knn(name, ds, needs, demo_extra=None):
-    return Task(name, f"20/200-NN and 5-NN top-1/top-5 of frozen features", needs, "paper §8.3; NPID kNN",
+    return Task(name, "weighted kNN (k = 5, 20, 200) top-1/top-5 of frozen features", needs, "paper §8.3; NPID kNN",
                 knn.KnnProtocol(**DATASET_PRESETS[ds]), {**DEMO_PRESETS[ds], **(demo_extra or {})}, knn.run)
 
 

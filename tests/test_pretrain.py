@@ -131,6 +131,11 @@ def test_byol_and_layernorm_configs_train(tmp_path, demo_root):
     assert "loss_byol" in (out / "log.jsonl").read_text()
 
 
+def test_gradient_accumulation_runs(tmp_path, demo_root):
+    out = run_tiny(tmp_path, "accumulate", ["accumulate=2", "max_steps=2"])
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 2
+
+
 def test_cli_exit_codes(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "bogus=1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -139,7 +144,7 @@ def test_cli_exit_codes(tmp_path):
 
 def test_two_process_ddp_on_cpu(tmp_path, demo_root):
     """torchrun with 2 CPU processes (gloo): the singular value loss sees the global batch."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "pretrain/train.py"), "--config", "demo", *TINY, "max_steps=2", f"out_dir={tmp_path / 'ddp'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

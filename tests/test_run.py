@@ -38,11 +38,15 @@ def r18_ckpt(tmp_path_factory):
 
 
 def test_random_encoder_knn_and_linear(capsys, tmp_path, demo_root):
-    code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10,linear_in100",
-                         "--demo", "--out", str(tmp_path))
+    tasks = "knn_in1k,knn_in100,knn_stl10,linear_in1k,linear_in100,linear_stl10,align_uniform"
+    code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", tasks, "--demo",
+                         "--out", str(tmp_path))
     assert code == 0, err
     recs = {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in records_under(tmp_path)}
-    assert set(recs) == {"knn_stl10", "linear_in100"}
+    assert set(recs) == set(tasks.split(","))
+    assert set(recs["align_uniform"]["metrics"]) == {"alignment", "uniformity"}
+    assert 0 <= recs["align_uniform"]["metrics"]["alignment"] <= 4 and recs["align_uniform"]["metrics"]["uniformity"] <= 0
+    assert (tmp_path / "tables" / "table1.md").is_file() and (tmp_path / "tables" / "leaderboard.csv").is_file()
     knn = recs["knn_stl10"]
     assert set(knn["metrics"]) == {f"stl10_knn{k}_top{t}" for k in (5, 20, 200) for t in (1, 5)}
     assert all(0 <= v <= 100 for v in knn["metrics"].values())
@@ -55,7 +59,7 @@ def test_random_encoder_knn_and_linear(capsys, tmp_path, demo_root):
     lin = recs["linear_in100"]
     assert lin["data"]["train_size"] == 180 and "overridden" in lin["protocol"]["num_classes"]["source"]
     summary = (tmp_path / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and "stl10_knn5_top1" in summary[0]
+    assert len(summary) == 1 + 7 and "stl10_knn5_top1" in summary[0]
 
 
 def test_saved_torchvision_checkpoint(capsys, tmp_path, r18_ckpt, demo_root):
