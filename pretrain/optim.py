@@ -19,23 +19,28 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every group with foreach ops (a handful of fused calls instead of a loop per tensor)."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if group["lars"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
-                    update = update * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            if group["lars"]:
+                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
+                w_norms, u_norms = torch._foreach_norm(params), torch._foreach_norm(updates)
+                trust = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
+                         for w, u in zip(w_norms, u_norms)]
+                updates = torch._foreach_mul(updates, trust)
+            carried = [(self.state[p]["momentum_buffer"], u) for p, u in zip(params, updates)
+                       if "momentum_buffer" in self.state[p]]
+            for p, u in zip(params, updates):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = u.clone()
+            if carried:
+                bufs, ups = zip(*carried)
+                torch._foreach_mul_(list(bufs), group["momentum"])
+                torch._foreach_add_(list(bufs), list(ups))
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
 
 
 def lars_param_groups(named_params):

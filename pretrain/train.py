@@ -103,15 +103,19 @@ def collapse_monitors(z):
     return std, erank
 
 
-def compute_losses(cfg, online, target, views, g):
-    """Loss terms for one micro-batch of views (K, b, 3, H, W); returns (total, dict of floats, z)."""
+def forward_views(cfg, online, target, views):
+    """Both networks on the K views (K, b, 3, H, W) in one pass each: p, z as (b, K, d), and online z."""
     k, b = views.shape[:2]
     x = views.flatten(0, 1)
     if x.is_cuda and cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     p, z_online = online(x)
-    p = p.view(k, b, -1).transpose(0, 1)
     z = target(x).view(k, b, -1).transpose(0, 1).detach()
+    return p.view(k, b, -1).transpose(0, 1), z, z_online
+
+
+def loss_terms(cfg, p, z, g):
+    """The configured loss of (b, K, d) predictions and target projections: (total, dict of floats)."""
     terms = {}
     if cfg.loss == "byol":
         total = losses.byol_loss(p, z)
@@ -120,7 +124,7 @@ def compute_losses(cfg, online, target, views, g):
         total = losses.multiview_centroid_loss(p, z)
         terms["loss_centroid"] = total.item()
         if cfg.lambda_b:
-            noise = torch.randn(b, p.shape[-1], generator=g, device=g.device).to(p.dtype)
+            noise = torch.randn(p.shape[0], p.shape[-1], generator=g, device=g.device).to(p.dtype)
             lb = losses.brownian_loss(p, noise)
             total = total + cfg.lambda_b * lb
             terms["loss_brownian"] = lb.item()
@@ -129,6 +133,13 @@ def compute_losses(cfg, online, target, views, g):
             total = total + cfg.lambda_s * ls
             terms["loss_singular"] = ls.item()
     terms["loss"] = total.item()
+    return total, terms
+
+
+def compute_losses(cfg, online, target, views, g):
+    """Loss terms for one micro-batch of views (K, b, 3, H, W); returns (total, dict of floats, online z)."""
+    p, z, z_online = forward_views(cfg, online, target, views)
+    total, terms = loss_terms(cfg, p, z, g)
     return total, terms, z_online
 
 
