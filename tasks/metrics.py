@@ -31,3 +31,26 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
 def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     """Wang & Isola (2020): log of the mean Gaussian potential exp(-t ||x_i - x_j||^2) over pairs i < j."""
     return torch.pdist(x.double(), p=2).pow(2).mul(-t).exp().mean().log().item()
+
+
+def voc_ap(scores, targets) -> float:
+    """VOC average precision (all-point interpolated, VOC2010+ / the SVM benchmark of Goyal et al. 2019).
+
+    targets: 1 positive, -1 negative, 0 ignored (VOC `difficult`-only images). Returns a fraction;
+    NaN when there is no positive.
+    """
+    import numpy as np
+
+    scores, targets = np.asarray(scores, float), np.asarray(targets)
+    keep = targets != 0
+    scores, positive = scores[keep], targets[keep] > 0
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(positive[order])
+    fp = np.cumsum(~positive[order])
+    recall = np.concatenate([[0.0], tp / positive.sum(), [1.0]])
+    precision = np.concatenate([[0.0], tp / np.maximum(tp + fp, 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the precision envelope
+    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(((recall[steps] - recall[steps - 1]) * precision[steps]).sum())

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from tasks import align_uniform, knn, linear
+from tasks import align_uniform, knn, linear, voc07_svm
 from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS
 
 
@@ -44,7 +44,8 @@ TASKS = {t.name: t for t in [
     # The demo ImageNet-100 train split has 180 images, fewer than 200 neighbours.
     _knn("knn_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)", {"k": (5, 20, 100)}),
     _knn("knn_stl10", "stl10", "stl10/stl10_binary/"),
-    Task("voc07_svm", "per-class linear SVMs on frozen features, VOC07 mAP", "VOCdevkit/VOC2007", "paper §8.4"),
+    Task("voc07_svm", "per-class linear SVMs on frozen features, VOC07 mAP", "VOCdevkit/VOC2007",
+         "paper §8.4; Goyal et al. 2019", voc07_svm.Voc07SvmProtocol(), voc07_svm.DEMO, voc07_svm.run),
     Task("linear_places205", "linear classifier on frozen features, top-1", "places205/", "paper §8.4"),
     Task("linear_inat18", "linear classifier on frozen features, top-1", "inat2018/", "paper §8.4"),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
