@@ -42,6 +42,8 @@ def parse_args(argv):
     p.add_argument("--demo", action="store_true", help="generate the demo datasets and use each task's demo protocol")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="where records go (default: results/)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue tasks that train (SGD linear probes) from their last epoch's checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol value (repeatable); the record marks it as overridden")
@@ -105,6 +107,7 @@ class RunContext:
     seed: int
     demo: bool
     out_dir: Path
+    resume: bool = False
     log: object = print
 
 
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
               f"std {checkpoint.input_normalization[1]}")
     for key, note in checkpoint.notes.items():
         print(f"  note ({key}): {note}")
-    ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out)
+    ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume)
     for t, p in zip(tasks, protocols):
         print(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
         started = time.time()

@@ -9,6 +9,8 @@ from evaluate.common import REPO_ROOT, UserError
 from evaluate.features import EvalTransform, extract_features
 from tasks.datasets import SUBDIRS
 from tasks.datasets.imagenet import read_imagenet
+from tasks.datasets.inat18 import read_inat18
+from tasks.datasets.places205 import read_places205
 from tasks.datasets.stl10 import read_stl10
 from tasks.protocol import param
 
@@ -27,12 +29,17 @@ DATASET_PRESETS = {
                         class_list=IN100_CLASSES, metric_prefix="in100"),
     "stl10": dict(dataset="stl10", train_split="train", test_split="test", num_classes=10, resize=70, crop=64,
                   interpolation="bicubic", mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27), metric_prefix="stl10"),
+    "places205": dict(dataset="places205", train_split="train", test_split="val", num_classes=205,
+                      metric_prefix="places205"),
+    "inat18": dict(dataset="inat18", train_split="train", test_split="val", num_classes=8142, metric_prefix="inat18"),
 }
 # Demo datasets (tasks/datasets/*.write_demo) are smaller; ImageNet demo images are 64 px.
 DEMO_PRESETS = {
     "imagenet": dict(num_classes=12, resize=64, crop=64),
     "imagenet100": dict(num_classes=6, class_list=IN100_DEMO_CLASSES, resize=64, crop=64),
     "stl10": dict(),
+    "places205": dict(num_classes=8, resize=64, crop=64),
+    "inat18": dict(num_classes=6, resize=64, crop=64),
 }
 
 
@@ -66,23 +73,39 @@ def read_classification(data_root, p: FrozenFeatureProtocol, split: str):
             raise UserError(f"STL-10 at {data_root / SUBDIRS['stl10']} has {len(data.classes)} classes, "
                             f"the protocol expects {p.num_classes}")
         return data
-    raise UserError(f"dataset {p.dataset!r} is not a frozen-feature classification dataset "
-                    f"(imagenet, imagenet100, stl10)")
+    if p.dataset == "places205":
+        return read_places205(data_root / SUBDIRS["places205"], split, num_classes=p.num_classes)
+    if p.dataset == "inat18":
+        return read_inat18(data_root / SUBDIRS["inat18"], split, num_classes=p.num_classes)
+    raise UserError(f"dataset {p.dataset!r} is not a classification dataset "
+                    f"(imagenet, imagenet100, stl10, places205, inat18)")
 
 
-def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
-    """Read both splits, check them (and `check(splits)`) before any extraction, return their features."""
+def read_splits(ctx, p: FrozenFeatureProtocol, check=None):
+    """Both splits, checked (and `check(splits)`) before any extraction or training."""
     splits = {name: read_classification(ctx.data_root, p, getattr(p, f"{name}_split")) for name in ("train", "test")}
     for name, data in splits.items():
         if len(np.unique(data.labels)) < 2:
             raise UserError(f"the {name} split of {p.dataset} holds fewer than two classes")
     if check is not None:
         check(splits)
-    mean, std = tuple(p.mean), tuple(p.std)
-    out, info = {}, {"feature_cache": {}}
-    if ctx.checkpoint.input_normalization is not None:  # the weights expect their own input scaling
+    return splits
+
+
+def input_normalization(ctx, p: FrozenFeatureProtocol, info: dict):
+    """The protocol's mean/std, unless the checkpoint's format says its weights expect their own."""
+    if ctx.checkpoint.input_normalization is not None:
         mean, std = ctx.checkpoint.input_normalization
         info["input_normalization"] = f"mean {mean}, std {std}, from checkpoint format {ctx.checkpoint.format}"
+        return tuple(mean), tuple(std)
+    return tuple(p.mean), tuple(p.std)
+
+
+def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
+    """Read both splits, check them before any extraction, return their features."""
+    splits = read_splits(ctx, p, check)
+    out, info = {}, {"feature_cache": {}}
+    mean, std = input_normalization(ctx, p, info)
     transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
     info["transform"] = transform.describe()
     for name, data in splits.items():

@@ -6,6 +6,7 @@ training set (never on the test set) and then refitted on all training images, a
 probes do (Radford et al. 2021, App. A.3). The paper's SGD protocol (100 epochs, augmentation) is
 `protocol=sgd`, which the classification issue adds.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluate.common import UserError
+from tasks import linear_sgd
 from tasks.frozen import FrozenFeatureProtocol, train_test_features
 from tasks.metrics import topk_accuracy
 from tasks.protocol import param
@@ -20,11 +22,17 @@ from tasks.protocol import param
 
 @dataclass(frozen=True)
 class LinearProtocol(FrozenFeatureProtocol):
-    protocol: str = param("fast", "fast: cached features + L-BFGS logistic regression (CLIP, App. A.3)")
+    protocol: str = param("fast", "fast: cached features + L-BFGS logistic regression (CLIP, App. A.3); "
+                                  "sgd: SGD_SETTINGS below, with augmentation")
     l2_grid: tuple[float, ...] = param((1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
                                        "log-spaced sweep of the L2 strength, as CLIP's linear probes sweep it")
     holdout_fraction: float = param(0.2, "share of each training class held out to choose the L2 strength")
     max_iter: int = param(500, "L-BFGS iterations; enough for convergence at these sizes (loss change < 1e-7)")
+
+
+# protocol=sgd (classification issue): SGD momentum 0.9, batch 256, 100 epochs, cosine LR, no weight decay,
+# random-resized-crop + flip; the LR is SwAV's linear-evaluation LR for batch 256 (Caron et al. 2020, App.).
+SGD_SETTINGS = dict(epochs=100, lr=0.3, momentum=0.9, weight_decay=0.0, train_batch_size=256, schedule="cosine")
 
 
 def fit_logistic_regression(x, y, num_classes, l2, max_iter=500):
@@ -74,8 +82,12 @@ def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, s
 
 
 def run(ctx, p: LinearProtocol):
+    if p.protocol == "sgd":
+        return linear_sgd.run(ctx, linear_sgd.LinearSgdProtocol(**{
+            f.name: getattr(p, f.name) for f in dataclasses.fields(FrozenFeatureProtocol)}, **SGD_SETTINGS),
+            task_name=f"linear_{p.metric_prefix}_sgd")
     if p.protocol != "fast":
-        raise UserError(f"linear protocol {p.protocol!r} is not implemented yet (available: fast)")
+        raise UserError(f"linear protocol {p.protocol!r} is not one of fast, sgd")
     (xtr, ytr), (xte, yte), info = train_test_features(ctx, p)
     torch.manual_seed(ctx.seed)
     predict, best, search = train_linear_fast(xtr, ytr, p.num_classes, p.l2_grid, p.holdout_fraction,

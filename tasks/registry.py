@@ -2,7 +2,9 @@
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from tasks import align_uniform, knn, linear, voc07_svm
+from functools import partial
+
+from tasks import align_uniform, knn, linear, linear_sgd, voc07_svm
 from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS
 
 
@@ -32,6 +34,13 @@ def _linear(name, ds, needs):
                 dict(DEMO_PRESETS[ds]), linear.run)
 
 
+def _sgd(name, ds, needs, epochs):
+    # Demo: 3 epochs at batch 32 on the small demo trees (the schedule's steps fall after epochs 1 and 2).
+    return Task(name, "linear classifier trained with SGD on a frozen encoder, top-1/top-5", needs, "paper §8.4",
+                linear_sgd.LinearSgdProtocol(**DATASET_PRESETS[ds], epochs=epochs),
+                {**DEMO_PRESETS[ds], "epochs": 3, "train_batch_size": 32}, partial(linear_sgd.run, task_name=name))
+
+
 TASKS = {t.name: t for t in [
     _linear("linear_in1k", "imagenet", "imagenet/"),
     _linear("linear_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)"),
@@ -46,8 +55,8 @@ TASKS = {t.name: t for t in [
     _knn("knn_stl10", "stl10", "stl10/stl10_binary/"),
     Task("voc07_svm", "per-class linear SVMs on frozen features, VOC07 mAP", "VOCdevkit/VOC2007",
          "paper §8.4; Goyal et al. 2019", voc07_svm.Voc07SvmProtocol(), voc07_svm.DEMO, voc07_svm.run),
-    Task("linear_places205", "linear classifier on frozen features, top-1", "places205/", "paper §8.4"),
-    Task("linear_inat18", "linear classifier on frozen features, top-1", "inat2018/", "paper §8.4"),
+    _sgd("linear_places205", "places205", "places205/", epochs=28),
+    _sgd("linear_inat18", "inat18", "inat2018/", epochs=84),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
          "paper §8.4; MoCo's detection recipe"),
     Task("align_uniform", "alignment and uniformity of features of two augmented views (Table 12)",

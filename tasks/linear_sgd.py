@@ -1,0 +1,117 @@
+"""Linear classifier trained with SGD on a frozen encoder, with training-time augmentation.
+
+The encoder stays in eval() mode and under no_grad; each batch is augmented (random resized crop and
+horizontal flip), passed through it, and only the linear layer learns. The test set is scored once,
+at the end, on centre-crop features from the shared feature cache. A checkpoint of the classifier
+and optimiser is written after every epoch, so `evaluate/run.py --resume` continues an interrupted run.
+
+Used by `linear_places205` and `linear_inat18` (paper §8.4) and by `protocol=sgd` of the other
+linear tasks.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from evaluate.common import UserError, atomic_torch_save
+from evaluate.features import INTERPOLATION, EvalTransform, _collate, extract_features
+from tasks.frozen import FrozenFeatureProtocol, input_normalization, read_splits
+from tasks.metrics import topk_accuracy
+from tasks.protocol import param
+
+PAPER_84 = "paper §8.4: SGD momentum 0.9, weight decay 1e-4, batch 256, LR 0.2 divided by 10 twice at equal intervals"
+
+
+@dataclass(frozen=True)
+class LinearSgdProtocol(FrozenFeatureProtocol):
+    epochs: int = param(28, "paper §8.4: 28 epochs (Places205), 84 (iNat18)")
+    lr: float = param(0.2, PAPER_84)
+    momentum: float = param(0.9, PAPER_84)
+    weight_decay: float = param(1e-4, PAPER_84)
+    train_batch_size: int = param(256, PAPER_84)
+    schedule: str = param("step", "step: divided by 10 at 1/3 and 2/3 of training (paper §8.4); cosine: per step")
+    train_crop_scale_min: float = param(0.08, "torchvision's RandomResizedCrop default (scale 0.08-1)")
+
+
+def learning_rate(p: LinearSgdProtocol, epoch: int, step: int, steps_per_epoch: int) -> float:
+    if p.schedule == "step":  # "divided by 10 twice at equally spaced intervals"
+        return p.lr * 0.1 ** sum(epoch >= p.epochs * k / 3 for k in (1, 2))
+    if p.schedule == "cosine":
+        progress = (epoch * steps_per_epoch + step) / (p.epochs * steps_per_epoch)
+        return p.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    raise UserError(f"schedule must be step or cosine, not {p.schedule!r}")
+
+
+def state_path(ctx, task_name):
+    ident = (ctx.checkpoint.sha256 or ctx.checkpoint.path.replace(":", "-"))[:16]
+    return ctx.out_dir / "state" / f"{task_name}__{ident}__seed{ctx.seed}{'__demo' if ctx.demo else ''}.pt"
+
+
+def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
+    splits = read_splits(ctx, p)
+    info = {}
+    mean, std = input_normalization(ctx, p, info)
+    train_tf = T.Compose([T.RandomResizedCrop(p.crop, scale=(p.train_crop_scale_min, 1.0),
+                                              interpolation=INTERPOLATION[p.interpolation]),
+                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    train = splits["train"]
+    g = torch.Generator().manual_seed(ctx.seed)
+    loader = torch.utils.data.DataLoader(train.torch_dataset(train_tf), batch_size=p.train_batch_size, shuffle=True,
+                                         generator=g, num_workers=p.workers, collate_fn=_collate, drop_last=False)
+    device = torch.device(ctx.device)
+    model = ctx.model.to(device).eval()
+    with torch.no_grad():
+        dim = model(torch.zeros(2, 3, p.crop, p.crop, device=device)).flatten(1).shape[1]
+    torch.manual_seed(ctx.seed)
+    head = nn.Linear(dim, p.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    labels = torch.as_tensor(train.labels)
+    start, path = 0, state_path(ctx, task_name)
+    if ctx.resume and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["protocol"] != repr(p):
+            raise UserError(f"--resume: {path} was written with another protocol; remove it or drop --resume")
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["epoch"]
+        ctx.log(f"  resumed {path.name} after epoch {start}")
+    skipped = 0
+    for epoch in range(start, p.epochs):
+        bar = tqdm(loader, desc=f"{task_name} epoch {epoch + 1}/{p.epochs}", leave=False)
+        for step, (images, index, bad) in enumerate(bar):
+            if bad and not p.skip_bad_images:
+                raise UserError(f"cannot read image {train.paths[bad[0]] if train.paths else bad[0]}; "
+                                "fix or remove it, or pass --set skip_bad_images=true")
+            skipped += len(bad)
+            if images is None:
+                continue
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(p, epoch, step, len(loader))
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                feats = model(images.to(device, non_blocking=True)).float().flatten(1)
+            loss = F.cross_entropy(head(feats), labels[index].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                           "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "protocol": repr(p)},
+                          path)
+    transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
+    xte, yte, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, splits["test"], transform,
+                                       device=ctx.device, batch_size=p.batch_size, num_workers=p.workers,
+                                       skip_bad_images=p.skip_bad_images, log=ctx.log)
+    with torch.no_grad():
+        acc = topk_accuracy(head(xte.to(device)).cpu(), yte, (1, 5))
+    info.update(train_size=len(train), test_size=len(yte), feature_dim=dim, test_transform=transform.describe(),
+                train_skipped_images=skipped // max(1, p.epochs - start), test_skipped_images=extra["skipped_images"],
+                classifier_state=str(path))
+    return {f"{p.metric_prefix}_linear_top1": acc[1], f"{p.metric_prefix}_linear_top5": acc[5]}, info
