@@ -35,6 +35,7 @@ class LinearSgdProtocol(FrozenFeatureProtocol):
     train_batch_size: int = param(256, PAPER_84)
     schedule: str = param("step", "step: divided by 10 at 1/3 and 2/3 of training (paper §8.4); cosine: per step")
     train_crop_scale_min: float = param(0.08, "torchvision's RandomResizedCrop default (scale 0.08-1)")
+    init_std: float = param(0.01, "MoCo's linear classification: weights N(0, 0.01), bias 0")
 
 
 def learning_rate(p: LinearSgdProtocol, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -68,7 +69,7 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
         dim = model(torch.zeros(2, 3, p.crop, p.crop, device=device)).flatten(1).shape[1]
     torch.manual_seed(ctx.seed)
     head = nn.Linear(dim, p.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01)
+    nn.init.normal_(head.weight, std=p.init_std)
     nn.init.zeros_(head.bias)
     opt = torch.optim.SGD(head.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
     labels = torch.as_tensor(train.labels)

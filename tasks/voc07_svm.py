@@ -35,6 +35,7 @@ class Voc07SvmProtocol:
     positive_weight: float = param(2.0, GOYAL + ": class_weight {1: 2, -1: 1}")
     folds: int = param(3, GOYAL + ": 3-fold cross-validation on average precision")
     max_iter: int = param(2000, GOYAL + ": LinearSVC max_iter")
+    tol: float = param(1e-4, GOYAL + ": LinearSVC tol")
     solver: str = param("sklearn", "sklearn: LinearSVC (liblinear), the reference protocol; 'fast' comes with the "
                                    "classification issue")
     resize: int = param(256, "torchvision's reference evaluation transform (resize 256, centre crop 224)")
@@ -49,7 +50,7 @@ DEMO = {"resize": 96, "crop": 96}  # the demo VOC images are 160 x 120
 
 def _svm(cost, p):
     return LinearSVC(C=cost, class_weight={1: p.positive_weight, -1: 1.0}, penalty="l2", loss="squared_hinge",
-                     dual=True, max_iter=p.max_iter, tol=1e-4, intercept_scaling=1.0)
+                     dual=True, max_iter=p.max_iter, tol=p.tol, intercept_scaling=1.0)
 
 
 def choose_cost(x, y, p):
