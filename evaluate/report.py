@@ -210,6 +210,8 @@ def plot_lambda_grid(paper, records):
                 for j in range(len(lam_b)):
                     if grid[i][j] == grid[i][j]:
                         ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+            if all(v != v for row_values in grid for v in row_values):
+                ax.text(len(lam_b) / 2 - 0.5, len(lam_s) / 2 - 0.5, "no records", ha="center", va="center")
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return {"table11_lambda_grid.png": _figure_bytes(fig)}
