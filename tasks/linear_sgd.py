@@ -1,13 +1,16 @@
-"""Linear classifier trained with SGD on a frozen encoder, with training-time augmentation.
+"""A linear classifier trained with SGD on the encoder, frozen or finetuned, with training augmentation.
 
-The encoder stays in eval() mode and under no_grad; each batch is augmented (random resized crop and
-horizontal flip), passed through it, and only the linear layer learns. The test set is scored once,
-at the end, on centre-crop features from the shared feature cache. A checkpoint of the classifier
-and optimiser is written after every epoch, so `evaluate/run.py --resume` continues an interrupted run.
+Frozen (`encoder_lr` 0): the encoder stays in eval() mode under no_grad and only the linear layer
+learns; the test set is scored on centre-crop features from the shared feature cache. Finetuned
+(`encoder_lr` > 0): a copy of the encoder trains in train() mode with its own learning rate, and the
+test set is scored on the finetuned copy. Each batch gets a random resized crop and a flip. The
+classifier, the finetuned encoder and the optimiser are saved after every epoch, so
+`evaluate/run.py --resume` continues an interrupted run.
 
-Used by `linear_places205` and `linear_inat18` (paper §8.4) and by `protocol=sgd` of the other
-linear tasks.
+Used by `linear_places205`, `linear_inat18` (paper §8.4), `protocol=sgd` of the other linear tasks,
+and `semisup_1pct` / `semisup_10pct` (paper §8.2).
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -19,6 +22,8 @@ from tqdm import tqdm
 
 from evaluate.common import UserError, atomic_torch_save
 from evaluate.features import INTERPOLATION, EvalTransform, _collate, extract_features
+from tasks.datasets import SUBDIRS
+from tasks.datasets.imagenet import read_simclr_subset
 from tasks.frozen import FrozenFeatureProtocol, input_normalization, read_splits
 from tasks.metrics import topk_accuracy
 from tasks.protocol import param
@@ -36,15 +41,45 @@ class LinearSgdProtocol(FrozenFeatureProtocol):
     schedule: str = param("step", "step: divided by 10 at 1/3 and 2/3 of training (paper §8.4); cosine: per step")
     train_crop_scale_min: float = param(0.08, "torchvision's RandomResizedCrop default (scale 0.08-1)")
     init_std: float = param(0.01, "MoCo's linear classification: weights N(0, 0.01), bias 0")
+    nesterov: bool = param(False, "paper §8.4 states plain momentum")
+    encoder_lr: float = param(0.0, "0: frozen encoder (linear evaluation)")
+    train_subset: str = param("", "'' for the whole train split, or a SimCLR subset file under imagenet_subsets/")
+    metric_infix: str = param("_linear", "metric names of shared/reference/paper_tables.csv (<prefix>_linear_top1)")
+
+
+SEMISUP = "paper §8.2: SGD with Nesterov momentum 0.9, batch 1024"
+SIMCLR_B5 = ("not stated by the paper; SimCLR's semi-supervised protocol, whose 1%/10% lists the paper uses "
+             "(Chen et al. 2020, App. B.5): 60 epochs for 1%, 30 for 10%, no weight decay, no LR decay")
+
+
+@dataclass(frozen=True)
+class SemisupProtocol(LinearSgdProtocol):
+    """Semi-supervised ImageNet (paper §8.2): the 1% task's values by default."""
+
+    num_classes: int = param(1000, "ImageNet")
+    metric_prefix: str = param("semisup1", "metric names of shared/reference/paper_tables.csv (semisup1_top1)")
+    metric_infix: str = param("", "metric names of shared/reference/paper_tables.csv (semisup1_top1)")
+    train_subset: str = param("1percent.txt", "SimCLR's subset lists: 1percent.txt (12,811 images), "
+                                              "10percent.txt (128,116)")
+    epochs: int = param(60, SIMCLR_B5)
+    lr: float = param(2.0, "paper §8.2: classifier LR 2.0 (1%), 0.25 (10%)")
+    encoder_lr: float = param(0.0, "paper §8.2: encoder frozen (1%), encoder LR 2.5e-4 (10%)")
+    momentum: float = param(0.9, SEMISUP)
+    nesterov: bool = param(True, SEMISUP)
+    weight_decay: float = param(0.0, SIMCLR_B5)
+    train_batch_size: int = param(1024, SEMISUP)
+    schedule: str = param("constant", SIMCLR_B5)
 
 
 def learning_rate(p: LinearSgdProtocol, epoch: int, step: int, steps_per_epoch: int) -> float:
     if p.schedule == "step":  # "divided by 10 twice at equally spaced intervals"
         return p.lr * 0.1 ** sum(epoch >= p.epochs * k / 3 for k in (1, 2))
+    if p.schedule == "constant":
+        return p.lr
     if p.schedule == "cosine":
         progress = (epoch * steps_per_epoch + step) / (p.epochs * steps_per_epoch)
         return p.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    raise UserError(f"schedule must be step or cosine, not {p.schedule!r}")
+    raise UserError(f"schedule must be step, cosine or constant, not {p.schedule!r}")
 
 
 def state_path(ctx, task_name):
@@ -54,7 +89,10 @@ def state_path(ctx, task_name):
 
 def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     splits = read_splits(ctx, p)
-    info = {}
+    if p.train_subset:
+        subset = ctx.data_root / SUBDIRS["imagenet_subsets"] / p.train_subset
+        splits["train"] = read_simclr_subset(ctx.data_root / SUBDIRS["imagenet"], subset, num_classes=p.num_classes)
+    info = {"train_subset": p.train_subset} if p.train_subset else {}
     mean, std = input_normalization(ctx, p, info)
     train_tf = T.Compose([T.RandomResizedCrop(p.crop, scale=(p.train_crop_scale_min, 1.0),
                                               interpolation=INTERPOLATION[p.interpolation]),
@@ -64,14 +102,19 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     loader = torch.utils.data.DataLoader(train.torch_dataset(train_tf), batch_size=p.train_batch_size, shuffle=True,
                                          generator=g, num_workers=p.workers, collate_fn=_collate, drop_last=False)
     device = torch.device(ctx.device)
-    model = ctx.model.to(device).eval()
+    finetune = p.encoder_lr > 0
+    # Finetuning trains a copy, so that the run's other tasks still see the checkpoint's encoder.
+    model = (copy.deepcopy(ctx.model) if finetune else ctx.model).to(device).eval()
     with torch.no_grad():
         dim = model(torch.zeros(2, 3, p.crop, p.crop, device=device)).flatten(1).shape[1]
     torch.manual_seed(ctx.seed)
     head = nn.Linear(dim, p.num_classes).to(device)
     nn.init.normal_(head.weight, std=p.init_std)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    groups = [{"params": head.parameters(), "lr": p.lr, "base_lr": p.lr}]
+    if finetune:
+        groups.append({"params": model.parameters(), "lr": p.encoder_lr, "base_lr": p.encoder_lr})
+    opt = torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.nesterov)
     labels = torch.as_tensor(train.labels)
     start, path = 0, state_path(ctx, task_name)
     if ctx.resume and path.is_file():
@@ -79,12 +122,15 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
         if state["protocol"] != repr(p):
             raise UserError(f"--resume: {path} was written with another protocol; remove it or drop --resume")
         head.load_state_dict(state["head"])
+        if finetune:
+            model.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start = state["epoch"]
         ctx.log(f"  resumed {path.name} after epoch {start}")
     skipped = 0
+    model.train(finetune)
     for epoch in range(start, p.epochs):
         bar = tqdm(loader, desc=f"{task_name} epoch {epoch + 1}/{p.epochs}", leave=False)
         for step, (images, index, bad) in enumerate(bar):
@@ -94,9 +140,11 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
             skipped += len(bad)
             if images is None:
                 continue
+            scale = learning_rate(p, epoch, step, len(loader)) / p.lr
             for group in opt.param_groups:
-                group["lr"] = learning_rate(p, epoch, step, len(loader))
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                group["lr"] = group["base_lr"] * scale
+            with torch.set_grad_enabled(finetune), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                  enabled=device.type == "cuda"):
                 feats = model(images.to(device, non_blocking=True)).float().flatten(1)
             loss = F.cross_entropy(head(feats), labels[index].to(device))
             opt.zero_grad(set_to_none=True)
@@ -104,15 +152,17 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                           "encoder": model.state_dict() if finetune else None,
                            "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "protocol": repr(p)},
                           path)
     transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
+    model.eval()
     xte, yte, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, splits["test"], transform,
                                        device=ctx.device, batch_size=p.batch_size, num_workers=p.workers,
-                                       skip_bad_images=p.skip_bad_images, log=ctx.log)
+                                       skip_bad_images=p.skip_bad_images, use_cache=not finetune, log=ctx.log)
     with torch.no_grad():
         acc = topk_accuracy(head(xte.to(device)).cpu(), yte, (1, 5))
     info.update(train_size=len(train), test_size=len(yte), feature_dim=dim, test_transform=transform.describe(),
                 train_skipped_images=skipped // max(1, p.epochs - start), test_skipped_images=extra["skipped_images"],
                 classifier_state=str(path))
-    return {f"{p.metric_prefix}_linear_top1": acc[1], f"{p.metric_prefix}_linear_top5": acc[5]}, info
+    return {f"{p.metric_prefix}{p.metric_infix}_top1": acc[1], f"{p.metric_prefix}{p.metric_infix}_top5": acc[5]}, info

@@ -37,3 +37,28 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatc
     assert cli(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
     assert "after epoch 1" in capsys.readouterr().out
     assert metrics_of(tmp_path / "split") == metrics_of(tmp_path / "full")
+
+
+def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path, capsys, monkeypatch, demo_root):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r18.pth"
+    weights = torchvision.models.resnet18().state_dict()
+    torch.save(weights, ckpt)
+    args = ["--ckpt", str(ckpt), "--task", "semisup_10pct,knn_in1k", "--demo", "--out", str(tmp_path / "a")]
+    assert cli(args) == 0
+    recs = {r["task"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "a" / "records").rglob("*.json"))}
+    semi = recs["semisup_10pct"]
+    assert set(semi["metrics"]) == {"semisup10_top1", "semisup10_top5"}
+    assert semi["data"]["train_size"] == 72 and semi["data"]["test_size"] == 120  # 10% list; full val
+    assert semi["protocol"]["encoder_lr"]["value"] == 2.5e-4 and semi["protocol"]["nesterov"]["value"] is True
+    # knn_in1k ran after the finetuning in the same process: it must match a run of its own, with an empty
+    # feature cache (so that its features are extracted again from the checkpoint).
+    import evaluate.features
+
+    monkeypatch.setattr(evaluate.features, "cache_dir", lambda: tmp_path / "fresh-cache")
+    assert cli(["--ckpt", str(ckpt), "--task", "knn_in1k", "--demo", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "fresh-cache" / "features").is_dir()
+    assert metrics_of(tmp_path / "b") == recs["knn_in1k"]["metrics"]
