@@ -248,6 +248,8 @@ def load_into(model: nn.Module, state_dict: dict, arch: str) -> None:
 def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None):
     """`--ckpt` (a path or 'random') -> (backbone module in eval mode, Checkpoint, arch name)."""
     if ckpt_arg == "random":
+        if format_name or part:
+            raise UserError("--ckpt random has no file: drop --ckpt-format and --ckpt-part")
         arch = arch or "resnet50"
         torch.manual_seed(seed)
         model = build_backbone(arch)

@@ -37,7 +37,8 @@ class EvalTransform:
                 f"-std{','.join(map(str, self.std))}")
 
 
-def _collate(batch):
+def collate_readable(batch):
+    """Stack the images that could be read; return (images or None, their indices, indices of unreadable ones)."""
     good = [(x, i) for x, i in batch if x is not None]
     bad = [i for x, i in batch if x is None]
     images = torch.stack([x for x, _ in good]) if good else None
@@ -70,7 +71,7 @@ def extract_features(model, checkpoint_id, arch, split, transform: EvalTransform
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     loader = torch.utils.data.DataLoader(split.torch_dataset(transform.build()), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate_readable,
                                          pin_memory=device.type == "cuda")
     chunks, kept, bad = [], [], []
     for images, index, bad_index in tqdm(loader, desc=f"features {split.dataset}/{split.split}", unit="batch",

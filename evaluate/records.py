@@ -46,11 +46,17 @@ def record_path(out_dir: Path, task: str, checkpoint_name: str, demo: bool) -> P
     return path
 
 
+def checkpoint_name(checkpoint: dict) -> str:
+    """A file-name part for a checkpoint: its stem, with the run folder for pretrain/ outputs."""
+    if checkpoint["format"] == "random":
+        return checkpoint["path"].replace(":", "-")
+    path = Path(checkpoint["path"])
+    return f"{path.parent.name}-{path.stem}" if path.stem in ("backbone", "last") else path.stem.split(".")[0]
+
+
 def write_record(out_dir: Path, record: dict) -> Path:
     record = {"record_version": RECORD_VERSION, **record}
-    path = record_path(Path(out_dir), record["task"], Path(record["checkpoint"]["path"]).stem.split(":")[0]
-                       if record["checkpoint"]["format"] != "random" else record["checkpoint"]["path"].replace(":", "-"),
-                       record["demo"])
+    path = record_path(Path(out_dir), record["task"], checkpoint_name(record["checkpoint"]), record["demo"])
     atomic_write_json(path, record)
     return path
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from evaluate.features import collate_readable  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data import DecodedImages, pretrain_images  # noqa: E402
 from pretrain.model import Online, Target, ema_update, target_pairs  # noqa: E402
@@ -73,7 +74,8 @@ def step_split(cfg, batch, steps):
 def pipeline_rate(cfg, k, batch, batches):
     """Images/s of decode (DataLoader, 0 workers) + K augmented views, and of the decode alone."""
     data = DecodedImages(pretrain_images(cfg), cfg.decode_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=0,
+                                         collate_fn=collate_readable)
     cfg.views = k
     cfg.blur_p, cfg.solarize_p = 1.0, 0.2
     augs = view_augments(cfg)
@@ -82,7 +84,7 @@ def pipeline_rate(cfg, k, batch, batches):
     it = iter(loader)
     n = 0
     for _ in range(batches):
-        imgs, dt = timed(lambda: next(it))
+        (imgs, _, _), dt = timed(lambda: next(it))
         _, at = timed(lambda: make_views(imgs, augs, g))
         t_decode, t_aug, n = t_decode + dt, t_aug + at, n + len(imgs)
     return n / (t_decode + t_aug), t_decode / n * 1e3, t_aug / n * 1e3

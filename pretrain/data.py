@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from evaluate.common import REPO_ROOT, UserError
+from evaluate.features import collate_readable
 from tasks.datasets import SUBDIRS, ensure_demo
 from tasks.datasets.imagenet import read_imagenet
 from tasks.datasets.stl10 import read_stl10
@@ -28,7 +29,8 @@ def pretrain_images(cfg):
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """Image i as a uint8 (3, S, S) tensor: short side resized to S, centre square kept."""
+    """(image, index): a uint8 (3, S, S) tensor (short side resized to S, centre square kept), or None
+    for an image that cannot be read, so that the main process names it (`evaluate.features.collate_readable`)."""
 
     def __init__(self, splits, size):
         self.items = [(s, i) for s in splits for i in range(len(s))]
@@ -37,18 +39,29 @@ class DecodedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def describe(self, index) -> str:
+        split, i = self.items[index]
+        return str(split.paths[i]) if split.paths is not None else f"image {i} of {split.dataset}/{split.split}"
+
     def __getitem__(self, index):
         split, i = self.items[index]
-        if split.paths is not None:
-            try:
+        try:
+            if split.paths is not None:
                 with Image.open(split.paths[i]) as im:
                     img = im.convert("RGB")
-            except OSError:
-                raise UserError(f"cannot read image {split.paths[i]}")
-        else:
-            img = Image.fromarray(split.array[i])
+            else:
+                img = Image.fromarray(split.array[i])
+        except (OSError, ValueError, SyntaxError):
+            return None, index
         img = TF.center_crop(TF.resize(img, self.size), self.size)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), index
+
+    def batch(self, indices):
+        """Decode `indices` in this process; an unreadable image stops the run with its path."""
+        images, _, bad = collate_readable([self[i] for i in indices])
+        if bad:
+            raise UserError(f"cannot read image {self.describe(bad[0])}; fix or remove it")
+        return images
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_text, run_cli  # noqa: E402
+from evaluate.features import collate_readable  # noqa: E402
 from pretrain import losses  # noqa: E402
 from pretrain.augment import ViewAugment, make_views  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -53,10 +54,12 @@ def per_view(value, k, key):
 
 
 def view_augments(cfg):
+    """One ViewAugment per view; the config's augmentation keys carry ViewAugment's field names."""
     blur, sol = per_view(cfg.blur_p, cfg.views, "blur_p"), per_view(cfg.solarize_p, cfg.views, "solarize_p")
-    return [ViewAugment(cfg.crop_size, (cfg.crop_scale_min, 1.0), cfg.flip_p, cfg.jitter_p, cfg.brightness,
-                        cfg.contrast, cfg.saturation, cfg.hue, cfg.gray_p, b, tuple(cfg.blur_sigma), s)
-            for b, s in zip(blur, sol)]
+    special = {"crop_scale", "blur_sigma", "blur_p", "solarize_p"}
+    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ViewAugment) if f.name not in special}
+    return [ViewAugment(**same, crop_scale=(cfg.crop_scale_min, 1.0), blur_sigma=tuple(cfg.blur_sigma), blur_p=b,
+                        solarize_p=s) for b, s in zip(blur, sol)]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -235,7 +238,7 @@ def train(cfg, name, resume=False, log=print):
     loader = torch.utils.data.DataLoader(
         images, batch_sampler=StepBatches(len(images), cfg.batch_size, start, total, cfg.seed, rank, world,
                                           cfg.accumulate),
-        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
+        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False, collate_fn=collate_readable)
     batches = iter(loader)
     stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
     bar = tqdm(range(start, stop_at), initial=start, total=total, desc=name, disable=rank != 0, unit="step")
@@ -246,7 +249,10 @@ def train(cfg, name, resume=False, log=print):
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         terms_sum = {}
         for micro in range(cfg.accumulate):
-            batch = next(batches).to(device, non_blocking=True)
+            batch, _, unreadable = next(batches)
+            if unreadable:
+                raise UserError(f"cannot read image {images.describe(unreadable[0])}; fix or remove it")
+            batch = batch.to(device, non_blocking=True)
             views = make_views(batch, augs, g)
             sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -49,7 +49,7 @@ def run(ctx, p: AlignUniformProtocol):
     model = ctx.model.to(ctx.device).eval()
     views = ([], [])
     for start in tqdm(range(0, n, p.batch_size), desc="align/uniform", leave=False):
-        batch = torch.stack([images[i] for i in range(start, min(n, start + p.batch_size))])
+        batch = images.batch(range(start, min(n, start + p.batch_size)))
         for v in views:
             x = augment_view(batch, aug, g, mean, std).to(ctx.device)
             v.append(F.normalize(model(x).float().flatten(1), dim=1).cpu())

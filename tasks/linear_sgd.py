@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from evaluate.common import UserError, atomic_torch_save
-from evaluate.features import INTERPOLATION, EvalTransform, _collate, extract_features
+from evaluate.features import INTERPOLATION, EvalTransform, collate_readable, extract_features
 from tasks.datasets import SUBDIRS
 from tasks.datasets.imagenet import read_simclr_subset
 from tasks.frozen import FrozenFeatureProtocol, input_normalization, read_splits
@@ -100,7 +100,7 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     train = splits["train"]
     g = torch.Generator().manual_seed(ctx.seed)
     loader = torch.utils.data.DataLoader(train.torch_dataset(train_tf), batch_size=p.train_batch_size, shuffle=True,
-                                         generator=g, num_workers=p.workers, collate_fn=_collate, drop_last=False)
+                                         generator=g, num_workers=p.workers, collate_fn=collate_readable, drop_last=False)
     device = torch.device(ctx.device)
     finetune = p.encoder_lr > 0
     # Finetuning trains a copy, so that the run's other tasks still see the checkpoint's encoder.

@@ -142,6 +142,21 @@ def test_cli_exit_codes(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'bogus'")
 
 
+def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "imagenet", root / "imagenet")
+    victim = sorted((root / "imagenet" / "train").rglob("*.JPEG"))[5]
+    victim.write_bytes(b"not a jpeg")
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", *TINY,
+                           "workers=2", f"data_root={root}", "max_steps=30", "batch_size=16",
+                           f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    last = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert proc.returncode == 2 and last == f"error: cannot read image {victim}; fix or remove it"
+    assert "Traceback" not in proc.stderr
+
+
 def test_two_process_ddp_on_cpu(tmp_path, demo_root):
     """torchrun with 2 CPU processes (gloo): the singular value loss sees the global batch."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

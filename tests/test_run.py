@@ -102,6 +102,7 @@ def test_features_are_cached(capsys, tmp_path, r18_ckpt, demo_root):
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=500"], "exceeds the 300 training images"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--device", "cuda"], "no CUDA device"),
     (["--task", "knn_stl10", "--demo"], "--ckpt"),
+    (["--ckpt", "random", "--ckpt-part", "target", "--task", "knn_stl10", "--demo"], "--ckpt random has no file"),
 ])
 def test_user_errors_exit_2_with_one_sentence(capsys, tmp_path, args, message, demo_root):
     code, out, err = run(capsys, *args, "--out", str(tmp_path))
