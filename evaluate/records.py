@@ -54,9 +54,17 @@ def checkpoint_name(checkpoint: dict) -> str:
     return f"{path.parent.name}-{path.stem}" if path.stem in ("backbone", "last") else path.stem.split(".")[0]
 
 
-def write_record(out_dir: Path, record: dict) -> Path:
-    record = {"record_version": RECORD_VERSION, **record}
+def write_record(out_dir: Path, record: dict, artifacts=None) -> Path:
+    """The record, atomically; `artifacts` ({name: text}) are written beside it as `<record stem>.<name>`
+    first, and the record lists them."""
     path = record_path(Path(out_dir), record["task"], checkpoint_name(record["checkpoint"]), record["demo"])
+    record = dict(record)
+    if artifacts:
+        record["artifacts"] = {}
+        for name, text in artifacts.items():
+            target = path.with_name(f"{path.stem}.{name}")
+            atomic_write_text(target, text)
+            record["artifacts"][name] = target.name
     atomic_write_json(path, record)
     return path
 

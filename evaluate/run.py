@@ -151,10 +151,12 @@ def main(argv=None) -> int:
         print(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
         started = time.time()
         metrics, info = t.run(ctx, p)
+        engine = info.pop("engine", "pytorch")
+        artifacts = info.pop("artifacts", {})
         record = {
             "task": t.name,
             "demo": args.demo,
-            "engine": "pytorch",
+            "engine": engine,
             "metrics": metrics,
             "data": {"dataset": getattr(p, "dataset", None), "root": str(data_root), **info},
             "protocol": as_record(p, t.protocol),
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
             "wall_time_s": round(time.time() - started, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        path = records.write_record(args.out, record)
+        path = records.write_record(args.out, record, artifacts)
         for name, value in metrics.items():
             print(f"  {name} = {value:.2f}")
         print(f"  record: {path}")

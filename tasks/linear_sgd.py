@@ -82,9 +82,11 @@ def learning_rate(p: LinearSgdProtocol, epoch: int, step: int, steps_per_epoch: 
     raise UserError(f"schedule must be step, cosine or constant, not {p.schedule!r}")
 
 
-def state_path(ctx, task_name):
+def state_path(ctx, task_name, seed=None, suffix=".pt"):
+    """Where a training task keeps its resumable state: one file (or folder) per task, checkpoint and seed."""
     ident = (ctx.checkpoint.sha256 or ctx.checkpoint.path.replace(":", "-"))[:16]
-    return ctx.out_dir / "state" / f"{task_name}__{ident}__seed{ctx.seed}{'__demo' if ctx.demo else ''}.pt"
+    seed = ctx.seed if seed is None else seed
+    return ctx.out_dir / "state" / f"{task_name}__{ident}__seed{seed}{'__demo' if ctx.demo else ''}{suffix}"
 
 
 def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):

@@ -23,6 +23,7 @@ from tasks.datasets import SUBDIRS
 from tasks.datasets.voc import read_voc_classification
 from tasks.metrics import voc_ap
 from tasks.protocol import param
+from tasks.svm_solver import fit_linear_svms
 
 GOYAL = "Goyal et al. 2019 (fair_self_supervision_benchmark), VISSL's voc07 SVM"
 
@@ -36,8 +37,11 @@ class Voc07SvmProtocol:
     folds: int = param(3, GOYAL + ": 3-fold cross-validation on average precision")
     max_iter: int = param(2000, GOYAL + ": LinearSVC max_iter")
     tol: float = param(1e-4, GOYAL + ": LinearSVC tol")
-    solver: str = param("sklearn", "sklearn: LinearSVC (liblinear), the reference protocol; 'fast' comes with the "
-                                   "classification issue")
+    solver: str = param("fast", "fast: Newton-CG on the same primal for all classes, costs and folds at once "
+                                "(tasks/svm_solver.py; agreement with sklearn: tasks/bench_svm.py); "
+                                "sklearn: LinearSVC (liblinear) one problem at a time, the reference")
+    fast_tol: float = param(1e-4, "numerical: the fast solver stops at |gradient| <= fast_tol |gradient at 0|; "
+                                  "the agreement with sklearn is measured by tasks/bench_svm.py")
     resize: int = param(256, "torchvision's reference evaluation transform (resize 256, centre crop 224)")
     crop: int = param(224, "torchvision's reference evaluation transform")
     batch_size: int = param(128, "runtime setting of feature extraction; does not change the features")
@@ -53,25 +57,83 @@ def _svm(cost, p):
                      dual=True, max_iter=p.max_iter, tol=p.tol, intercept_scaling=1.0)
 
 
-def choose_cost(x, y, p):
-    """The cost with the best mean cross-validated AP (ties: the smaller cost); (cost, {cost: AP})."""
+def _cv_splits(y, p):
+    """StratifiedKFold (unshuffled, as the reference) over the trainval labels of one class; [] if too few."""
     folds = min(p.folds, int((y > 0).sum()), int((y < 0).sum()))
-    if folds < 2:
+    return list(StratifiedKFold(n_splits=folds).split(y, y)) if folds >= 2 else []
+
+
+def _best(scores, p):
+    return max(p.costs, key=lambda c: (scores[c], -c))  # ties: the smaller cost
+
+
+def choose_cost(x, y, p):
+    """The cost with the best mean cross-validated AP, trained with LinearSVC; (cost, {cost: AP})."""
+    split = _cv_splits(y, p)
+    if not split:
         return None, {}
     scores = {}
-    split = list(StratifiedKFold(n_splits=folds).split(x, y))
     for cost in p.costs:
         aps = []
         for tr, va in split:
             clf = _svm(cost, p).fit(x[tr], y[tr])
             aps.append(average_precision_score(y[va] > 0, clf.decision_function(x[va])))
         scores[cost] = float(np.mean(aps))
-    return max(p.costs, key=lambda c: (scores[c], -c)), scores
+    return _best(scores, p), scores
+
+
+def _sklearn_scores(xtr, labels, xte, p):
+    """Per class: (cost, test decision values) with LinearSVC, one problem at a time."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear at C=1000 rarely converges; as the reference
+        for c, y in tqdm(labels.items(), desc="voc07 svm (sklearn)", leave=False):
+            cost, _ = choose_cost(xtr, y, p)
+            if cost is not None:
+                out[c] = cost, _svm(cost, p).fit(xtr, y).decision_function(xte)
+    return out
+
+
+def _fast_scores(xtr, labels, xte, p, device):
+    """The same protocol with every (class, fold, cost) problem trained together by `fit_linear_svms`."""
+    problems = []  # (class, validation indices or None, cost, train mask)
+    for c, y in labels.items():
+        for tr, va in _cv_splits(y, p):
+            mask = np.zeros(len(y), bool)
+            mask[tr] = True
+            problems += [(c, va, cost, mask) for cost in p.costs]
+
+    def fit(probs):
+        w, b, _ = fit_linear_svms(xtr, np.stack([labels[q[0]] for q in probs]), [q[2] for q in probs],
+                                  np.stack([q[3] for q in probs]), p.positive_weight, p.fast_tol, device=device)
+        return w, b
+
+    w, b = fit(problems)
+    cv = {}
+    for (c, va, cost, _), wi, bi in zip(problems, w, b):
+        ap = average_precision_score(labels[c][va] > 0, xtr[va] @ wi + bi)
+        cv.setdefault(c, {}).setdefault(cost, []).append(ap)
+    chosen = {c: _best({cost: np.mean(a) for cost, a in scores.items()}, p) for c, scores in cv.items()}
+    refit = [(c, None, cost, np.ones(len(xtr), bool)) for c, cost in chosen.items()]
+    w, b = fit(refit)
+    return {c: (cost, xte @ wi + bi) for (c, _, cost, _), wi, bi in zip(refit, w, b)}
+
+
+def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu"):
+    """The whole protocol on L2-normalised features; ttr/tte: (n, classes) targets in {1, -1, 0 (difficult)}.
+    Returns ({class: AP %}, {class: chosen cost}, [classes skipped for lack of positives])."""
+    if p.solver not in ("fast", "sklearn"):
+        raise UserError(f"voc07_svm solver {p.solver!r} is unknown (available: fast, sklearn)")
+    # difficult-only images are negatives in training and ignored at test
+    labels = {c: np.where(ttr[:, c] > 0, 1, -1) for c in range(len(classes))
+              if not np.isnan(voc_ap(np.zeros(len(tte)), tte[:, c]))}
+    scores = _sklearn_scores(xtr, labels, xte, p) if p.solver == "sklearn" else _fast_scores(xtr, labels, xte, p, device)
+    aps = {classes[c]: 100.0 * voc_ap(s, tte[:, c]) for c, (_, s) in scores.items()}
+    chosen = {classes[c]: cost for c, (cost, _) in scores.items()}
+    return aps, chosen, [name for c, name in enumerate(classes) if c not in scores]
 
 
 def run(ctx, p: Voc07SvmProtocol):
-    if p.solver != "sklearn":
-        raise UserError(f"voc07_svm solver {p.solver!r} is not implemented yet (available: sklearn)")
     devkit = ctx.data_root / SUBDIRS["voc"]
     splits = {name: read_voc_classification(devkit, 2007, getattr(p, f"{name}_split")) for name in ("train", "test")}
     mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
@@ -84,18 +146,7 @@ def run(ctx, p: Voc07SvmProtocol):
         feats[name] = (F.normalize(x, dim=1).numpy().astype(np.float64),
                        data.notes["targets"][extra["index"].numpy()])
     (xtr, ttr), (xte, tte) = feats["train"], feats["test"]
-    aps, chosen, skipped = {}, {}, []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear at C=1000 rarely converges; as the reference
-        for c, name in enumerate(tqdm(splits["train"].classes, desc="voc07 svm", leave=False)):
-            y = np.where(ttr[:, c] > 0, 1, -1)  # difficult-only images are negatives in training
-            cost, _ = choose_cost(xtr, y, p)
-            if cost is None or np.isnan(voc_ap(np.zeros(len(tte)), tte[:, c])):
-                skipped.append(name)
-                continue
-            clf = _svm(cost, p).fit(xtr, y)
-            aps[name] = 100.0 * voc_ap(clf.decision_function(xte), tte[:, c])
-            chosen[name] = cost
+    aps, chosen, skipped = svm_protocol(xtr, ttr, xte, tte, splits["train"].classes, p, ctx.device)
     if not aps:
         raise UserError("no VOC class has positives in both trainval and test")
     info = {"train_size": len(xtr), "test_size": len(xte), "ap_by_class": aps, "chosen_cost": chosen,

@@ -1,0 +1,6 @@
+"""Detection transfer (paper §8.4, Tables 5 and 10): a detector finetuned from the checkpoint.
+
+`protocol.py` declares the two recipes, `data.py` turns VOC / COCO into one list of image records,
+`metrics.py` scores predictions, and the engines (`tv_engine.py`: torchvision, always available;
+`d2_engine.py`: Detectron2, when it imports) build, train and run the detectors. `run.py` ties them.
+"""

@@ -1,0 +1,74 @@
+"""The two detection recipes: MoCo's detection configs (He et al. 2020, `detection/configs/`), which
+the paper follows (§8.4), with the paper's own values where it states them."""
+from dataclasses import dataclass
+
+from tasks.protocol import param
+
+MOCO = "MoCo's detection recipe (He et al. 2020, detection/configs), which the paper follows (§8.4)"
+D2 = "Detectron2's default config (defaults.py), which MoCo's recipe keeps"
+
+
+@dataclass(frozen=True)
+class DetectionProtocol:
+    engine: str = param("auto", "auto: Detectron2 when it imports, else torchvision (README: engine differences)")
+    arch: str = param("resnet50", "paper §8.4: ResNet-50 backbone")
+    ims_per_batch: int = param(16, MOCO + ": IMS_PER_BATCH 16")
+    momentum: float = param(0.9, D2 + ": SOLVER.MOMENTUM")
+    weight_decay: float = param(1e-4, D2 + ": SOLVER.WEIGHT_DECAY")
+    warmup_factor: float = param(0.001, D2 + ": SOLVER.WARMUP_FACTOR (linear warm-up)")
+    max_size: int = param(1333, D2 + ": INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST")
+    flip: bool = param(True, D2 + ": horizontal flip in training")
+    pixel_mean: tuple[float, ...] = param((123.675, 116.28, 103.53), MOCO + ": RGB input, torchvision's mean (0-255)")
+    pixel_std: tuple[float, ...] = param((58.395, 57.12, 57.375), MOCO + ": torchvision's std (0-255)")
+    precise_bn_iters: int = param(200, MOCO + ": TEST.PRECISE_BN.ENABLED; D2 NUM_ITER 200")
+    roi_batch_size_per_image: int = param(512, D2 + ": ROI_HEADS.BATCH_SIZE_PER_IMAGE")
+    checkpoint_period: int = param(5000, D2 + ": SOLVER.CHECKPOINT_PERIOD")
+    test_batch: int = param(1, "runtime setting of inference; does not change results")
+    workers: int = param(2, "runtime setting (data-loading processes); does not change results")
+    trials: int = param(1, "seeds run; MoCo reports VOC as the mean of 5 (--set trials=5), mean and std recorded")
+
+
+@dataclass(frozen=True)
+class VocDetProtocol(DetectionProtocol):
+    train_sets: tuple[str, ...] = param(("2007/trainval", "2012/trainval"), "paper §8.4: VOC07+12 trainval")
+    test_set: str = param("2007/test", "paper §8.4: VOC2007 test")
+    base_lr: float = param(0.02, "paper §8.4: initial LR 0.02")
+    max_iter: int = param(24000, MOCO + ": pascal_voc_R_50_C4_24k")
+    steps: tuple[int, ...] = param((18000, 22000), MOCO + ": SOLVER.STEPS")
+    warmup_iters: int = param(100, MOCO + ": SOLVER.WARMUP_ITERS")
+    train_sizes: tuple[int, ...] = param(tuple(range(480, 801, 32)), MOCO + ": MIN_SIZE_TRAIN 480-800 step 32")
+    test_size: int = param(800, MOCO + ": MIN_SIZE_TEST")
+    pooler_resolution: int = param(14, "Base-RCNN-C4: ROI_BOX_HEAD.POOLER_RESOLUTION 14")
+    rpn_pre_nms_topk_train: int = param(12000, D2 + ": RPN.PRE_NMS_TOPK_TRAIN (C4)")
+    rpn_post_nms_topk_train: int = param(2000, D2 + ": RPN.POST_NMS_TOPK_TRAIN (C4)")
+    rpn_pre_nms_topk_test: int = param(6000, MOCO + ": RPN.PRE_NMS_TOPK_TEST 6000")
+    rpn_post_nms_topk_test: int = param(1000, MOCO + ": RPN.POST_NMS_TOPK_TEST 1000")
+
+
+@dataclass(frozen=True)
+class CocoInstsegProtocol(DetectionProtocol):
+    train_set: str = param("train", "paper §8.4: COCO train2017")
+    test_set: str = param("val", "paper §8.4: COCO val2017")
+    base_lr: float = param(0.05, "paper §9: LR 0.05")
+    max_iter: int = param(90000, "paper §9: 90k iterations")
+    steps: tuple[int, ...] = param((60000, 80000), "paper §9: divided by 10 at 60k and 80k")
+    warmup_iters: int = param(50, "paper §9: 50 warm-up iterations")
+    train_sizes: tuple[int, ...] = param(tuple(range(640, 801, 32)), MOCO + ": coco_R_50_FPN_1x MIN_SIZE_TRAIN 640-800")
+    test_size: int = param(800, D2 + ": MIN_SIZE_TEST 800")
+    pooler_resolution: int = param(7, "Base-RCNN-FPN: ROI_BOX_HEAD.POOLER_RESOLUTION 7 (mask head: 14)")
+    rpn_pre_nms_topk_train: int = param(2000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TRAIN (per level)")
+    rpn_post_nms_topk_train: int = param(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TRAIN")
+    rpn_pre_nms_topk_test: int = param(1000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TEST (per level)")
+    rpn_post_nms_topk_test: int = param(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TEST")
+
+
+# Demo: the generated 160 x 120 VOC and 128 x 128 COCO shapes (1-4 objects each), any ResNet, and a
+# schedule two CPU cores finish in minutes: fewer proposals and RoIs per image (the C4 box head runs res5
+# on every RoI), 7 x 7 RoIs.
+DEMO = {"arch": "any", "ims_per_batch": 2, "max_size": 320, "precise_bn_iters": 10, "checkpoint_period": 100,
+        "workers": 0, "roi_batch_size_per_image": 32, "pooler_resolution": 7, "rpn_pre_nms_topk_train": 600,
+        "rpn_post_nms_topk_train": 100, "rpn_pre_nms_topk_test": 300, "rpn_post_nms_topk_test": 50}
+VOC_DEMO = {**DEMO, "max_iter": 200, "steps": (150, 180), "warmup_iters": 20, "base_lr": 0.02,
+            "train_sizes": (96, 112, 128, 144, 160), "test_size": 128}
+COCO_DEMO = {**DEMO, "max_iter": 200, "steps": (150, 180), "warmup_iters": 20, "base_lr": 0.02,
+             "train_sizes": (96, 112, 128), "test_size": 128}

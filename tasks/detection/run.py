@@ -1,0 +1,105 @@
+"""`voc_det` and `coco_instseg`: finetune a detector from the checkpoint, score it on the test split.
+
+The engine is Detectron2 when it imports (protocol `engine=auto`), else torchvision; `--set engine=`
+chooses. Each trial (seed) trains from the checkpoint and keeps its state under `<out>/state/`, so
+`--resume` continues an interrupted run. With trials > 1 the record holds every trial and the mean
+and std of each metric (MoCo reports VOC as the mean of 5).
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluate.common import UserError, atomic_torch_save
+from tasks.detection.data import load_task_data
+from tasks.detection.metrics import coco_metrics, coco_results, voc_detection_metrics
+from tasks.linear_sgd import state_path
+
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+class StateFile:
+    """The torchvision engine's resumable state: read only with --resume, written atomically."""
+
+    def __init__(self, path, resume, protocol):
+        self.path, self.resume, self.protocol = Path(path), resume, repr(protocol)
+
+    def load(self):
+        if not (self.resume and self.path.is_file()):
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["protocol"] != self.protocol:
+            raise UserError(f"--resume: {self.path} was written with another protocol; remove it or drop --resume")
+        return state
+
+    def save(self, state):
+        atomic_torch_save({**state, "protocol": self.protocol}, self.path)
+
+
+def resolve_engine(name):
+    has_d2 = importlib.util.find_spec("detectron2") is not None
+    if name == "auto":
+        return "detectron2" if has_d2 else "torchvision"
+    if name == "detectron2" and not has_d2:
+        raise UserError("engine=detectron2 was asked for, but Detectron2 does not import; install it (README: "
+                        "Detection) or use --set engine=torchvision")
+    if name not in ("detectron2", "torchvision"):
+        raise UserError(f"engine must be auto, detectron2 or torchvision, not {name!r}")
+    return name
+
+
+def check_arch(ctx, p, task, engine):
+    if ctx.arch not in TORCHVISION_RESNETS:
+        raise UserError(f"{task} builds its detector from a torchvision ResNet ({', '.join(TORCHVISION_RESNETS)}); "
+                        f"this checkpoint is {ctx.arch}")
+    if p.arch != "any" and ctx.arch != p.arch:
+        raise UserError(f"{task}'s recipe needs a {p.arch} backbone (paper §8.4) and this checkpoint is {ctx.arch}; "
+                        "--set arch=any runs it anyway, outside the paper's protocol")
+    if engine == "detectron2" and task == "voc_det" and ctx.arch in ("resnet18", "resnet34"):
+        raise UserError("Detectron2's C4 box head is a bottleneck res5, which needs a ResNet-50 or deeper; "
+                        "use --set engine=torchvision for this checkpoint")
+
+
+def _trial(ctx, p, task, engine, train, test, classes, seed):
+    if engine == "torchvision":
+        from tasks.detection import tv_engine
+
+        torch.manual_seed(seed)
+        model = tv_engine.build(task, ctx.model, len(classes), p)
+        state = StateFile(state_path(ctx, task, seed), ctx.resume, p)
+        tv_engine.train(model, train, p, task, ctx.device, seed, state, ctx.log)
+        return tv_engine.predict(model, test, p, ctx.device)
+    from tasks.detection import d2_engine
+
+    return d2_engine.train_and_predict(ctx, p, task, train, test, classes, seed,
+                                       state_path(ctx, task, seed, suffix="__detectron2"))
+
+
+def run(ctx, p, task_name):
+    engine = resolve_engine(p.engine)
+    check_arch(ctx, p, task_name, engine)
+    if p.trials < 1:
+        raise UserError("trials must be at least 1")
+    train, test, classes, counts, coco = load_task_data(task_name, p, ctx.data_root)
+    trials, artifacts = [], {}
+    for t in range(p.trials):
+        seed = ctx.seed + t
+        ctx.log(f"  {engine} engine, trial {t + 1}/{p.trials} (seed {seed}), {len(train)} training images")
+        predictions = _trial(ctx, p, task_name, engine, train, test, classes, seed)
+        if task_name == "voc_det":
+            metrics, extra = voc_detection_metrics(predictions, test, classes)
+        else:
+            results = coco_results(predictions, [c["id"] for c in coco.categories])
+            metrics, extra = coco_metrics(results, coco.annotation_file), {}
+            artifacts[f"coco_results_seed{seed}.json"] = json.dumps(results)
+        trials.append({"seed": seed, "metrics": metrics, **extra})
+    names = list(trials[0]["metrics"])
+    mean = {k: float(np.mean([tr["metrics"][k] for tr in trials])) for k in names}
+    info = {"engine": engine, "train_images": len(train), "test_images": len(test), "cleaning": dict(counts),
+            "trials": trials, "artifacts": artifacts}
+    if p.trials > 1:
+        info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}
+    prefix = "voc_det_" if task_name == "voc_det" else "coco_"
+    return {prefix + k: v for k, v in mean.items()}, info

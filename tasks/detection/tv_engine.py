@@ -1,0 +1,256 @@
+"""The torchvision engine: MoCo's two recipes built from `torchvision.models.detection` parts.
+
+- voc_det: Faster R-CNN, C4: stem-res4 is the feature map (stride 16), RoIAlign (aligned, 14 x 14,
+  as Detectron2's ROIAlignV2) pools proposals, res5 plus an extra BatchNorm (MoCo's
+  Res5ROIHeadsExtraNorm) and average pooling make the box head.
+- coco_instseg: Mask R-CNN, FPN with BatchNorm, the 4conv1fc box head and the mask head with BatchNorm.
+Every norm layer is plain BatchNorm, trained (FREEZE_AT 0); the RPN / RoI settings are Detectron2's
+defaults for each backbone (values and their sources below). Differences from the Detectron2 engine are
+listed in the README.
+"""
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from tqdm import tqdm
+
+from tasks.datasets.coco import annotation_mask
+from tasks.detection.data import load_rgb
+
+# Detectron2 defaults (config/defaults.py), as MoCo's configs keep them: RPN.BATCH_SIZE_PER_IMAGE,
+# ROI_HEADS.SCORE_THRESH_TEST, NMS_THRESH_TEST, TEST.DETECTIONS_PER_IMAGE, the anchors, mask pooler 14.
+HEADS = dict(rpn_batch_size_per_image=256, box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100)
+ANCHOR_SIZES, ASPECT_RATIOS = (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
+MASK_POOLER = 14
+
+
+class AlignedRoIPool(MultiScaleRoIAlign):
+    """RoIAlign with the half-pixel alignment (Detectron2's ROIAlignV2) on the single C4 feature map."""
+
+    def __init__(self, size=14, stride=16):
+        super().__init__(["0"], size, 0)
+        self.size, self.scale = size, 1.0 / stride
+
+    def forward(self, features, proposals, image_shapes):
+        return roi_align(features["0"], proposals, self.size, self.scale, sampling_ratio=0, aligned=True)
+
+
+def _c4(trunk, num_classes, p):
+    stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3)
+    stem.out_channels = _channels(trunk.layer3)
+    width = _channels(trunk.layer4)
+    head = nn.Sequential(trunk.layer4, nn.BatchNorm2d(width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return FasterRCNN(stem, None, rpn_anchor_generator=AnchorGenerator((ANCHOR_SIZES,), (ASPECT_RATIOS,)),
+                      box_roi_pool=AlignedRoIPool(p.pooler_resolution), box_head=head,
+                      box_predictor=FastRCNNPredictor(width, num_classes + 1), **_settings(p))
+
+
+def _fpn(trunk, num_classes, p):
+    channels = [_channels(getattr(trunk, f"layer{i}")) for i in range(1, 5)]
+    backbone = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels, 256,
+                               extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+    anchors = AnchorGenerator(tuple((s,) for s in ANCHOR_SIZES), (ASPECT_RATIOS,) * 5)
+    levels = ["0", "1", "2", "3"]
+    box_head = FastRCNNConvFCHead((256, p.pooler_resolution, p.pooler_resolution), [256] * 4, [1024],
+                                  norm_layer=nn.BatchNorm2d)
+    mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+    return MaskRCNN(backbone, None, rpn_anchor_generator=anchors,
+                    box_roi_pool=MultiScaleRoIAlign(levels, p.pooler_resolution, 0), box_head=box_head,
+                    box_predictor=FastRCNNPredictor(1024, num_classes + 1),
+                    mask_roi_pool=MultiScaleRoIAlign(levels, MASK_POOLER, 0), mask_head=mask_head,
+                    mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **_settings(p))
+
+
+def _channels(layer):
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+def _settings(p):
+    return dict(min_size=tuple(p.train_sizes), max_size=p.max_size, image_mean=[m / 255 for m in p.pixel_mean],
+                image_std=[s / 255 for s in p.pixel_std], rpn_pre_nms_top_n_train=p.rpn_pre_nms_topk_train,
+                rpn_post_nms_top_n_train=p.rpn_post_nms_topk_train, rpn_pre_nms_top_n_test=p.rpn_pre_nms_topk_test,
+                rpn_post_nms_top_n_test=p.rpn_post_nms_topk_test, box_batch_size_per_image=p.roi_batch_size_per_image,
+                **HEADS)
+
+
+def build(task, encoder, num_classes, p):
+    """The detector around a copy of the encoder (the run's other tasks keep the original)."""
+    trunk = copy.deepcopy(encoder).train()
+    return (_c4 if task == "voc_det" else _fpn)(trunk, num_classes, p)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+class Detections(torch.utils.data.Dataset):
+    """(image tensor in [0, 1], target) for (index, flip) pairs; masks only when `with_masks`."""
+
+    def __init__(self, records, with_masks):
+        self.records, self.with_masks = records, with_masks
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        index, flip = item
+        r = self.records[index]
+        image = torch.from_numpy(load_rgb(r["file_name"]).copy()).permute(2, 0, 1).float() / 255
+        anns = [a for a in r["annotations"] if not a["iscrowd"]]  # crowd regions never train (as Detectron2)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        target = {"boxes": boxes, "labels": torch.tensor([a["category_id"] + 1 for a in anns], dtype=torch.int64)}
+        if self.with_masks:
+            target["masks"] = torch.from_numpy(np.stack([annotation_mask(a, r["height"], r["width"]) for a in anns])
+                                               .astype(np.uint8)).reshape(-1, r["height"], r["width"])
+        if flip:
+            image = image.flip(-1)
+            target["boxes"] = torch.stack([r["width"] - boxes[:, 2], boxes[:, 1], r["width"] - boxes[:, 0],
+                                           boxes[:, 3]], 1)
+            if self.with_masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+class TrainOrder(torch.utils.data.Sampler):
+    """Endless (index, flip) draws: a fresh permutation per pass, flips at random; seeded, and able to start
+    after `skip` draws so that a resumed run sees the images the interrupted one would have seen."""
+
+    def __init__(self, n, seed, flip, skip=0):
+        self.n, self.seed, self.flip, self.skip = n, seed, flip, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        drawn = 0
+        while True:
+            order, flips = torch.randperm(self.n, generator=g), torch.rand(self.n, generator=g) < 0.5
+            for i, f in zip(order.tolist(), flips.tolist()):
+                if drawn >= self.skip:
+                    yield i, bool(f and self.flip)
+                drawn += 1
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def _loader(records, p, with_masks, seed, skip):
+    return torch.utils.data.DataLoader(Detections(records, with_masks), batch_size=p.ims_per_batch,
+                                       sampler=TrainOrder(len(records), seed, p.flip, skip), collate_fn=_collate,
+                                       num_workers=p.workers)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def lr_factor(it, p):
+    """Detectron2's WarmupMultiStepLR: linear warm-up from warmup_factor, then x0.1 at each step."""
+    decay = 0.1 ** sum(it >= s for s in p.steps)
+    if it < p.warmup_iters:
+        alpha = it / p.warmup_iters
+        return decay * (p.warmup_factor * (1 - alpha) + alpha)
+    return decay
+
+
+def _optimizer(model, p):
+    """SGD; norm parameters without weight decay (Detectron2's WEIGHT_DECAY_NORM 0)."""
+    norm, other = [], []
+    for module in model.modules():
+        target = norm if isinstance(module, nn.modules.batchnorm._BatchNorm) else other
+        target += [q for q in module.parameters(recurse=False) if q.requires_grad]
+    return torch.optim.SGD([{"params": other}, {"params": norm, "weight_decay": 0.0}], lr=p.base_lr,
+                           momentum=p.momentum, weight_decay=p.weight_decay)
+
+
+def _to(images, targets, device):
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def train(model, records, p, task, device, seed, state, log):
+    """Trains for p.max_iter iterations; `state` (a StateFile) saves every checkpoint_period and resumes."""
+    model.to(device).train()
+    opt = _optimizer(model, p)
+    start = 0
+    saved = state.load()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        start = saved["iteration"]
+        log(f"  resumed {state.path.name} at iteration {start}")
+    amp = device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    batches = iter(_loader(records, p, task == "coco_instseg", seed, start * p.ims_per_batch))
+    bar = tqdm(range(start, p.max_iter), desc=f"{task} train", leave=False, initial=start, total=p.max_iter)
+    for it in bar:
+        for group in opt.param_groups:
+            group["lr"] = p.base_lr * lr_factor(it, p)
+        images, targets = _to(*next(batches), device)
+        with torch.autocast("cuda", enabled=amp):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the detection loss became {loss.item()} at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (it + 1) % p.checkpoint_period == 0 or it + 1 == p.max_iter:
+            state.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1})
+    precise_bn(model, records, p, task, device, seed)
+    return model
+
+
+@torch.no_grad()
+def precise_bn(model, records, p, task, device, seed):
+    """Detectron2's PreciseBN: BN statistics re-estimated as the plain mean over precise_bn_iters batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or p.precise_bn_iters <= 0:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    batches = iter(_loader(records, p, task == "coco_instseg", seed + 1, 0))
+    model.train()
+    for _ in range(p.precise_bn_iters):
+        model(*_to(*next(batches), device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+
+
+# ---- inference ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, records, p, device):
+    """{image_id: {"boxes", "scores", "labels" (contiguous), "masks" (RLEs, Mask R-CNN)}} at test size."""
+    from pycocotools import mask as mask_utils
+
+    model.to(device).eval()
+    model.transform.min_size = (p.test_size,)
+    out = {}
+    for start in tqdm(range(0, len(records), p.test_batch), desc="inference", leave=False):
+        chunk = records[start:start + p.test_batch]
+        images = [torch.from_numpy(load_rgb(r["file_name"]).copy()).permute(2, 0, 1).float().div(255).to(device)
+                  for r in chunk]
+        for r, o in zip(chunk, model(images)):
+            pred = {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),
+                    "labels": o["labels"].cpu().numpy() - 1}
+            if "masks" in o:
+                binary = (o["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+                pred["masks"] = [_rle(mask_utils, m) for m in binary]
+            out[r["image_id"]] = pred
+    model.transform.min_size = tuple(p.train_sizes)
+    return out
+
+
+def _rle(mask_utils, mask):
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
