@@ -74,9 +74,11 @@ def read_records(out_dir: Path) -> list:
     out = []
     for path in sorted((Path(out_dir) / "records").rglob("*.json")):
         try:
-            out.append((path, json.loads(path.read_text())))
+            record = json.loads(path.read_text())
         except ValueError:
             continue  # not ours: a record is only ever written whole
+        if isinstance(record, dict) and "task" in record:  # records' artifacts (COCO results) sit beside them
+            out.append((path, record))
     return out
 
 

@@ -33,12 +33,65 @@ def test_cost_choice_matches_sklearn_cross_validation():
     assert cost == max(p.costs, key=lambda c: (scores[c], -c))
 
 
-def test_voc07_svm_demo_record(tmp_path, capsys, demo_root):
-    code = cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(tmp_path)])
-    assert code == 0, capsys.readouterr().err
-    rec = json.loads(next((tmp_path / "records").rglob("*.json")).read_text())
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_voc07_svm_demo_record_and_solver_agreement(tmp_path, capsys, demo_root):
+    maps = {}
+    for solver in ("sklearn", "fast"):
+        out = tmp_path / solver
+        code = cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(out),
+                    "--set", f"solver={solver}"])
+        assert code == 0, capsys.readouterr().err
+        rec = json.loads(next((out / "records").rglob("*.json")).read_text())
+        maps[solver] = rec["metrics"]["voc07_svm_map"]
+    assert abs(maps["fast"] - maps["sklearn"]) < 0.2  # the fast solver's promise, on demo features
     assert 0 <= rec["metrics"]["voc07_svm_map"] <= 100
     aps = rec["data"]["ap_by_class"]
     assert len(aps) + len(rec["data"]["classes_without_positives"]) == 20
     assert rec["metrics"]["voc07_svm_map"] == pytest.approx(np.mean(list(aps.values())))
     assert set(rec["data"]["chosen_cost"].values()) <= set(Voc07SvmProtocol().costs)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fast_solver_finds_liblinears_solution():
+    """Weights and bias of every (cost, train subset) problem against LinearSVC at a tight tolerance."""
+    from sklearn.svm import LinearSVC
+
+    from tasks.svm_solver import fit_linear_svms
+
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.normal(size=(300, 20)))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.where(x[:, 0] - x[:, 1] + 0.05 * rng.normal(size=300) > 0, 1, -1)
+    costs = [0.1, 1.0, 10.0]
+    masks = np.ones((6, 300), bool)
+    masks[3:, ::3] = False  # three problems leave out a third of the samples
+    w, b, _ = fit_linear_svms(x, np.stack([y] * 6), costs * 2, masks, positive_weight=2.0, tol=1e-6)
+    for k in range(6):
+        m = masks[k]
+        ref = LinearSVC(C=costs[k % 3], class_weight={1: 2.0, -1: 1.0}, tol=1e-8, max_iter=100000).fit(x[m], y[m])
+        scale = np.abs(ref.coef_).max()
+        assert np.abs(w[k] - ref.coef_[0]).max() < 1e-3 * scale
+        assert b[k] == pytest.approx(ref.intercept_[0], abs=1e-3 * scale)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fast_solver_test_ap_matches_the_reference_svm_per_class_and_cost():
+    """At the protocol's tolerances: the test AP of each class's SVM, per cost, within 0.2 points of LinearSVC."""
+    from tasks.bench_svm import voc_like_features
+    from tasks.svm_solver import fit_linear_svms
+
+    p = Voc07SvmProtocol()
+    xtr, ttr, xte, tte = voc_like_features(n_train=600, n_test=600, dim=128, signal=1.0)
+    costs = (0.1, 1.0, 10.0)
+    labels = [np.where(ttr[:, c] > 0, 1, -1) for c in range(4)]
+    w, b, _ = fit_linear_svms(xtr, np.repeat(labels, len(costs), 0), costs * 4, None, p.positive_weight, p.fast_tol)
+    for k, (wk, bk) in enumerate(zip(w, b)):
+        c, cost = divmod(k, len(costs))
+        ref = _svm(costs[cost], p).fit(xtr, labels[c]).decision_function(xte)
+        assert 100 * abs(voc_ap(xte @ wk + bk, tte[:, c]) - voc_ap(ref, tte[:, c])) < 0.2
+
+
+def test_unknown_solver_is_a_user_error(tmp_path, capsys, demo_root):
+    code = cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(tmp_path),
+                "--set", "solver=liblinear"])
+    assert code == 2 and "solver" in capsys.readouterr().err

@@ -77,6 +77,18 @@ def voc_detection_metrics(predictions, records, classes):
     return metrics, info
 
 
+def encode_masks(binary):
+    """COCO compressed RLEs (JSON-ready) of (N, H, W) binary masks."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for mask in np.asarray(binary, np.uint8):
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append(rle)
+    return out
+
+
 def coco_results(predictions, category_ids):
     """The COCO results list (boxes as [x, y, w, h]; masks as compressed RLEs)."""
     out = []

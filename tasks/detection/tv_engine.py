@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from tasks.datasets.coco import annotation_mask
 from tasks.detection.data import load_rgb
+from tasks.detection.metrics import encode_masks
 
 # Detectron2 defaults (config/defaults.py), as MoCo's configs keep them: RPN.BATCH_SIZE_PER_IMAGE,
 # ROI_HEADS.SCORE_THRESH_TEST, NMS_THRESH_TEST, TEST.DETECTIONS_PER_IMAGE, the anchors, mask pooler 14.
@@ -230,8 +231,6 @@ def precise_bn(model, records, p, task, device, seed):
 @torch.no_grad()
 def predict(model, records, p, device):
     """{image_id: {"boxes", "scores", "labels" (contiguous), "masks" (RLEs, Mask R-CNN)}} at test size."""
-    from pycocotools import mask as mask_utils
-
     model.to(device).eval()
     model.transform.min_size = (p.test_size,)
     out = {}
@@ -243,14 +242,7 @@ def predict(model, records, p, device):
             pred = {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),
                     "labels": o["labels"].cpu().numpy() - 1}
             if "masks" in o:
-                binary = (o["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-                pred["masks"] = [_rle(mask_utils, m) for m in binary]
+                pred["masks"] = encode_masks((o["masks"][:, 0] > 0.5).cpu().numpy())
             out[r["image_id"]] = pred
     model.transform.min_size = tuple(p.train_sizes)
     return out
-
-
-def _rle(mask_utils, mask):
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
