@@ -96,7 +96,7 @@ def test_features_are_cached(capsys, tmp_path, r18_ckpt, demo_root):
     (["--ckpt", "random", "--task", "knn_in1k", "--data-root", "/nonexistent/data"], "is not a directory"),
     (["--ckpt", "random", "--task", "knn_in1k"], "give --data-root"),
     (["--ckpt", "random", "--task", "knn_everything", "--demo"], "unknown task 'knn_everything'"),
-    (["--ckpt", "random", "--task", "voc_det", "--demo"], "task voc_det is not implemented yet"),
+    (["--ckpt", "random", "--task", "voc_det", "--demo", "--set", "engine=mmdet"], "engine must be auto"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "kk=3"], "unknown --set key 'kk'; valid keys"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=five"], "expected a value of type int"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=500"], "exceeds the 300 training images"),
