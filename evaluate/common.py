@@ -21,6 +21,33 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def setup_distributed(want_cuda: bool):
+    """Place this process: under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, Gloo on CPU)
+    and take the GPU of LOCAL_RANK. Returns (torch.device, rank, world size)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # Rank 0 alone scores the test set after training while the others wait for the next collective:
+        # a long timeout, so that a large test set does not end the run.
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(hours=3))
+    return device, rank, world
+
+
+def epoch_order(n: int, seed: int, epoch: int):
+    """The image order of an epoch; depends only on (seed, epoch), so a resumed run sees the same batches."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def cache_dir() -> Path:
     """Where generated demo data and extracted features live (override with SSL_SUITE_CACHE)."""
     return Path(os.environ.get("SSL_SUITE_CACHE", REPO_ROOT / ".cache")).expanduser()

@@ -3,18 +3,20 @@
 
     python evaluate/run.py --ckpt r50.pth --task knn_in1k --data-root /data
     python evaluate/run.py --ckpt random --task all --demo
+    torchrun --nproc_per_node 8 evaluate/run.py --ckpt r50.pth --task linear_places205 --data-root /data
 
 Exit codes: 0 done; 2 a mistake in the command or its inputs (one sentence says which); 1 a bug.
 """
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import REPO_ROOT, ArgumentParser, UserError, run_cli  # noqa: E402
+from evaluate.common import REPO_ROOT, ArgumentParser, UserError, run_cli, setup_distributed  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -44,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue tasks that train (SGD linear probes) from their last epoch's checkpoint")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
+                                                   "torchrun: cpu or cuda, one GPU per process)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol value (repeatable); the record marks it as overridden")
     return p.parse_args(argv)
@@ -85,9 +88,12 @@ def parse_overrides(items, tasks):
     return out
 
 
-def resolve_device(requested):
+def resolve_device(requested, world=1):
     import torch
 
+    if world > 1 and requested not in (None, "cpu", "cuda"):
+        raise UserError(f"under torchrun --device is cpu or cuda (each process takes the GPU of its LOCAL_RANK), "
+                        f"not {requested!r}")
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -109,6 +115,8 @@ class RunContext:
     out_dir: Path
     resume: bool = False
     log: object = print
+    rank: int = 0  # under torchrun: this process's rank and the process count
+    world: int = 1
 
 
 def main(argv=None) -> int:
@@ -120,7 +128,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tasks = select_tasks(args.task)
     overrides = parse_overrides(args.overrides, tasks)
-    device = resolve_device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(args.device, world)
     if args.demo:
         data_root = ensure_demo()
     elif args.data_root is None:
@@ -135,22 +144,33 @@ def main(argv=None) -> int:
         p = with_overrides(t.protocol, t.demo, parse_strings=False) if args.demo else t.protocol
         p = with_overrides(p, {k: v for k, v in overrides.items() if k in keys(p)}, parse_strings=True)
         protocols.append(p)
+    if world > 1:
+        alone = [t.name for t, p in zip(tasks, protocols) if not t.distributed(p)]
+        if alone:
+            raise UserError(f"{', '.join(alone)} train nothing that torchrun could share; run them with plain "
+                            "python (torchrun runs the SGD probes, protocol=sgd and the semi-supervised tasks)")
+    placed, rank, world = setup_distributed(device.startswith("cuda"))
+    device = str(placed) if world > 1 else device
+    say = print if rank == 0 else (lambda *a, **k: None)
 
     model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part)
-    print(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
+    say(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
           + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
     if checkpoint.dropped:
-        print("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
+        say("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
     if checkpoint.input_normalization is not None:
-        print(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
+        say(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
               f"std {checkpoint.input_normalization[1]}")
     for key, note in checkpoint.notes.items():
-        print(f"  note ({key}): {note}")
-    ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume)
+        say(f"  note ({key}): {note}")
+    ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
+                     rank, world)
     for t, p in zip(tasks, protocols):
-        print(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
+        say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
         started = time.time()
         metrics, info = t.run(ctx, p)
+        if rank != 0:
+            continue  # rank 0 writes the records
         engine = info.pop("engine", "pytorch")
         artifacts = info.pop("artifacts", {})
         record = {
@@ -177,6 +197,12 @@ def main(argv=None) -> int:
         for name, value in metrics.items():
             print(f"  {name} = {value:.2f}")
         print(f"  record: {path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
     summary = records.write_summary(args.out)
     print(f"summary: {summary}")
     from evaluate.report import write_report

@@ -62,8 +62,3 @@ class DecodedImages(torch.utils.data.Dataset):
         if bad:
             raise UserError(f"cannot read image {self.describe(bad[0])}; fix or remove it")
         return images
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The image order of an epoch; depends only on (seed, epoch), so a resumed run sees the same batches."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))

@@ -15,7 +15,6 @@ bug, or a loss that became NaN/Inf (the last good checkpoint is kept).
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -28,12 +27,13 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_text, run_cli  # noqa: E402
+from evaluate.common import (ArgumentParser, UserError, atomic_torch_save, atomic_write_text, epoch_order,  # noqa: E402
+                             run_cli, setup_distributed)
 from evaluate.features import collate_readable  # noqa: E402
 from pretrain import losses  # noqa: E402
 from pretrain.augment import ViewAugment, make_views  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.data import DecodedImages, epoch_order, pretrain_images  # noqa: E402
+from pretrain.data import DecodedImages, pretrain_images  # noqa: E402
 from pretrain.model import Online, Target, ema_update, target_pairs, tau_schedule  # noqa: E402
 from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate  # noqa: E402
 
@@ -159,17 +159,10 @@ def export_backbone(online, path):
 
 
 def setup_device(cfg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda, but no CUDA device is available; use device=cpu")
-    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    return device, rank, world
+    return setup_distributed(want_cuda)
 
 
 def train(cfg, name, resume=False, log=print):

@@ -23,18 +23,24 @@ from tasks.protocol import param
 @dataclass(frozen=True)
 class LinearProtocol(FrozenFeatureProtocol):
     protocol: str = param("fast", "fast: cached features + L-BFGS logistic regression (CLIP, App. A.3); "
-                                  "sgd: SGD_SETTINGS below, with augmentation")
+                                  "sgd: SGD with augmentation (the sgd_* values and SGD_SETTINGS)")
     l2_grid: tuple[float, ...] = param((1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
                                        "log-spaced sweep of the L2 strength, as CLIP's linear probes sweep it")
     holdout_fraction: float = param(0.2, "share of each training class held out to choose the L2 strength")
     max_iter: int = param(500, "L-BFGS iterations; enough for convergence at these sizes (loss change < 1e-7)")
+    sgd_epochs: int = param(100, "protocol=sgd: 100 epochs (the classification issue's linear protocol)")
+    sgd_lr: float = param(0.3, "protocol=sgd: SwAV's linear-evaluation LR for batch 256 (Caron et al. 2020, App.); "
+                               "the paper gives none")
+    sgd_batch_size: int = param(256, "protocol=sgd: batch 256 (the classification issue's linear protocol)")
 
 
-# protocol=sgd: the classification issue's linear protocol (SGD momentum 0.9, batch 256, 100 epochs, cosine LR,
-# no weight decay, random-resized-crop + flip); the LR is SwAV's linear-evaluation LR for batch 256 (Caron et al.
-# 2020, App.), since the paper gives none. The record lists these values under data.sgd_protocol.
-SGD_SOURCE = "protocol=sgd: SGD momentum 0.9, batch 256, 100 epochs, cosine, no weight decay; LR 0.3 from SwAV"
-SGD_SETTINGS = dict(epochs=100, lr=0.3, momentum=0.9, weight_decay=0.0, train_batch_size=256, schedule="cosine")
+# protocol=sgd: the classification issue's linear protocol (SGD momentum 0.9, cosine LR, no weight decay,
+# random-resized-crop + flip); epochs, LR and batch are the sgd_* fields above. The record lists these fixed values
+# under data.sgd_protocol.
+SGD_SOURCE = "protocol=sgd: SGD momentum 0.9, cosine LR per step, no weight decay (the classification issue)"
+SGD_SETTINGS = dict(momentum=0.9, weight_decay=0.0, schedule="cosine")
+# Demo: protocol=sgd over 3 epochs at batch 32 on the small demo trees (like the demo SGD probes).
+DEMO_SGD = dict(sgd_epochs=3, sgd_batch_size=32)
 
 
 def fit_logistic_regression(x, y, num_classes, l2, max_iter=500):
@@ -87,7 +93,8 @@ def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, s
 def run(ctx, p: LinearProtocol):
     if p.protocol == "sgd":
         metrics, info = linear_sgd.run(ctx, linear_sgd.LinearSgdProtocol(**{
-            f.name: getattr(p, f.name) for f in dataclasses.fields(FrozenFeatureProtocol)}, **SGD_SETTINGS),
+            f.name: getattr(p, f.name) for f in dataclasses.fields(FrozenFeatureProtocol)}, **SGD_SETTINGS,
+            epochs=p.sgd_epochs, lr=p.sgd_lr, train_batch_size=p.sgd_batch_size),
             task_name=f"linear_{p.metric_prefix}_sgd")
         info["sgd_protocol"] = {k: {"value": v, "source": SGD_SOURCE} for k, v in SGD_SETTINGS.items()}
         return metrics, info

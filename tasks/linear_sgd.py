@@ -7,6 +7,11 @@ test set is scored on the finetuned copy. Each batch gets a random resized crop 
 classifier, the finetuned encoder and the optimiser are saved after every epoch, so
 `evaluate/run.py --resume` continues an interrupted run.
 
+Under torchrun each process takes a part of every global batch (DDP averages the gradients; the loss
+is the mean over the global batch); batches and augmentations depend only on the seed, the epoch and
+the image, so one process and several train on the same data. Rank 0 saves the state and scores the
+test set.
+
 Used by `linear_places205`, `linear_inat18` (paper §8.4), `protocol=sgd` of the other linear tasks,
 and `semisup_1pct` / `semisup_10pct` (paper §8.2).
 """
@@ -16,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from evaluate.common import UserError, atomic_torch_save
+from evaluate.common import UserError, atomic_torch_save, epoch_order
 from evaluate.features import INTERPOLATION, EvalTransform, collate_readable, extract_features
 from tasks.datasets import SUBDIRS
 from tasks.datasets.imagenet import read_simclr_subset
@@ -89,6 +95,66 @@ def state_path(ctx, task_name, seed=None, suffix=".pt"):
     return ctx.out_dir / "state" / f"{task_name}__{ident}__seed{seed}{'__demo' if ctx.demo else ''}{suffix}"
 
 
+class EpochBatches(torch.utils.data.Sampler):
+    """This process's share of each batch of one epoch, as (epoch, index) pairs.
+
+    The epoch's order depends only on (seed, epoch) and each global batch is split into `world` near-equal
+    parts, so a resumed run, and a run on any number of processes, trains on the same global batches. A last
+    batch smaller than `world` is dropped (every process must take part in every step)."""
+
+    def __init__(self, n, batch, epoch, seed, rank=0, world=1):
+        order = epoch_order(n, seed, epoch)
+        self.parts = [b.tensor_split(world)[rank] for b in order.split(batch) if len(b) >= world]
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.parts)
+
+    def __iter__(self):
+        for part in self.parts:
+            yield [(self.epoch, int(i)) for i in part]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Training images whose random augmentation is drawn from a generator seeded by (seed, epoch, index):
+    the same crops and flips whatever the process count, the loader workers or an interruption."""
+
+    def __init__(self, samples, seed):
+        self.samples, self.seed = samples, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % (2 ** 63))
+            return self.samples[i]
+
+
+class Probe(nn.Module):
+    """Encoder, pooled features, linear layer: the network that finetuning trains (and DDP wraps)."""
+
+    def __init__(self, encoder, head, amp):
+        super().__init__()
+        self.encoder, self.head, self.amp = encoder, head, amp
+
+    def features(self, images):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.encoder(images).float().flatten(1)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def all_sum(value: int, world: int, device) -> int:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     splits = read_splits(ctx, p)
     if p.train_subset:
@@ -100,10 +166,8 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
                                               interpolation=INTERPOLATION[p.interpolation]),
                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     train = splits["train"]
-    g = torch.Generator().manual_seed(ctx.seed)
-    loader = torch.utils.data.DataLoader(train.torch_dataset(train_tf), batch_size=p.train_batch_size, shuffle=True,
-                                         generator=g, num_workers=p.workers, collate_fn=collate_readable, drop_last=False)
-    device = torch.device(ctx.device)
+    samples = SeededSamples(train.torch_dataset(train_tf), ctx.seed)
+    device, rank, world = torch.device(ctx.device), ctx.rank, ctx.world
     finetune = p.encoder_lr > 0
     # Finetuning trains a copy, so that the run's other tasks still see the checkpoint's encoder.
     model = (copy.deepcopy(ctx.model) if finetune else ctx.model).to(device).eval()
@@ -113,6 +177,7 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     head = nn.Linear(dim, p.num_classes).to(device)
     nn.init.normal_(head.weight, std=p.init_std)
     nn.init.zeros_(head.bias)
+    probe = Probe(model, head, amp=device.type == "cuda")
     groups = [{"params": head.parameters(), "lr": p.lr, "base_lr": p.lr}]
     if finetune:
         groups.append({"params": model.parameters(), "lr": p.encoder_lr, "base_lr": p.encoder_lr})
@@ -127,36 +192,59 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
         if finetune:
             model.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         start = state["epoch"]
         ctx.log(f"  resumed {path.name} after epoch {start}")
+    if world > 1:
+        # Finetuning normalises over the global batch where the hardware allows (SyncBatchNorm needs CUDA).
+        if finetune and device.type == "cuda":
+            probe.encoder = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        info["batch_norm"] = ("synchronised over the processes" if finetune and device.type == "cuda"
+                              else "per process" if finetune else "frozen (eval mode)")
+        # Frozen: only the linear layer learns, so only it is shared.
+        net = nn.parallel.DistributedDataParallel(probe if finetune else head,
+                                                  device_ids=[device] if device.type == "cuda" else None)
+    else:
+        net = probe if finetune else head
     skipped = 0
     model.train(finetune)
     for epoch in range(start, p.epochs):
-        bar = tqdm(loader, desc=f"{task_name} epoch {epoch + 1}/{p.epochs}", leave=False)
+        loader = torch.utils.data.DataLoader(
+            samples, batch_sampler=EpochBatches(len(train), p.train_batch_size, epoch, ctx.seed, rank, world),
+            num_workers=p.workers, collate_fn=collate_readable, pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc=f"{task_name} epoch {epoch + 1}/{p.epochs}", leave=False, disable=rank != 0)
         for step, (images, index, bad) in enumerate(bar):
+            first_bad = (train.paths[bad[0]] if train.paths else f"#{bad[0]}") if bad else None
             if bad and not p.skip_bad_images:
-                raise UserError(f"cannot read image {train.paths[bad[0]] if train.paths else bad[0]}; "
-                                "fix or remove it, or pass --set skip_bad_images=true")
+                raise UserError(f"cannot read image {first_bad}; fix or remove it, or pass --set skip_bad_images=true")
             skipped += len(bad)
-            if images is None:
+            if images is None and world == 1:
                 continue
+            if images is None:
+                raise UserError(f"every image of a batch part was unreadable (first {first_bad}); "
+                                "remove the unreadable images, or run without torchrun")
             scale = learning_rate(p, epoch, step, len(loader)) / p.lr
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
-            with torch.set_grad_enabled(finetune), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                                  enabled=device.type == "cuda"):
-                feats = model(images.to(device, non_blocking=True)).float().flatten(1)
-            loss = F.cross_entropy(head(feats), labels[index].to(device))
+            images = images.to(device, non_blocking=True)
+            if finetune:
+                logits = net(images)
+            else:
+                with torch.no_grad():
+                    feats = probe.features(images)
+                logits = net(feats)
+            # The mean over the global batch: DDP averages the processes' gradients, hence the factor world.
+            n_global = all_sum(len(index), world, device)
+            loss = F.cross_entropy(logits, labels[index].to(device), reduction="sum") * (world / n_global)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                           "encoder": model.state_dict() if finetune else None,
-                           "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "protocol": repr(p)},
-                          path)
+            bar.set_postfix(loss=f"{loss.item() / world:.3f}")
+        if rank == 0:
+            atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                               "encoder": model.state_dict() if finetune else None, "protocol": repr(p)}, path)
+    skipped = all_sum(skipped, world, device)
+    if rank != 0:
+        return {}, {}  # rank 0 scores the test set and writes the record
     transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
     model.eval()
     xte, yte, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, splits["test"], transform,
@@ -165,6 +253,6 @@ def run(ctx, p: LinearSgdProtocol, task_name="linear_sgd"):
     with torch.no_grad():
         acc = topk_accuracy(head(xte.to(device)).cpu(), yte, (1, 5))
     info.update(train_size=len(train), test_size=len(yte), feature_dim=dim, test_transform=transform.describe(),
-                train_skipped_images=skipped // max(1, p.epochs - start), test_skipped_images=extra["skipped_images"],
-                classifier_state=str(path))
+                processes=world, train_skipped_images=skipped // max(1, p.epochs - start),
+                test_skipped_images=extra["skipped_images"], classifier_state=str(path))
     return {f"{p.metric_prefix}{p.metric_infix}_top1": acc[1], f"{p.metric_prefix}{p.metric_infix}_top5": acc[5]}, info

@@ -19,6 +19,8 @@ class Task:
     protocol: object = None  # the published protocol (a dataclass instance); None: not implemented yet
     demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
     run: Optional[Callable] = None  # run(ctx, protocol) -> (metrics, info)
+    distributed: Callable = lambda protocol: False  # whether torchrun can share the task's training
+
 
     @property
     def implemented(self) -> bool:
@@ -33,21 +35,22 @@ def _knn(name, ds, needs, demo_extra=None):
 def _linear(name, ds, needs):
     return Task(name, "linear classifier on frozen features, top-1/top-5", needs,
                 "paper §8.1; fast protocol: CLIP-style L-BFGS probe", linear.LinearProtocol(**DATASET_PRESETS[ds]),
-                dict(DEMO_PRESETS[ds]), linear.run)
+                {**DEMO_PRESETS[ds], **linear.DEMO_SGD}, linear.run, lambda p: p.protocol == "sgd")
 
 
 def _sgd(name, ds, needs, epochs):
     # Demo: 3 epochs at batch 32 on the small demo trees (the schedule's steps fall after epochs 1 and 2).
     return Task(name, "linear classifier trained with SGD on a frozen encoder, top-1/top-5", needs, "paper §8.4",
                 linear_sgd.LinearSgdProtocol(**DATASET_PRESETS[ds], epochs=epochs),
-                {**DEMO_PRESETS[ds], "epochs": 3, "train_batch_size": 32}, partial(linear_sgd.run, task_name=name))
+                {**DEMO_PRESETS[ds], "epochs": 3, "train_batch_size": 32}, partial(linear_sgd.run, task_name=name),
+                lambda p: True)
 
 
 def _semisup(name, measures, subset, protocol):
     # Demo: 5 epochs at batch 32 on the demo subsets (24 and 72 images of the 12-class demo tree).
     return Task(name, measures, f"imagenet/, imagenet_subsets/{subset}", "paper §8.2; SimCLR App. B.5", protocol,
                 {**DEMO_PRESETS["imagenet"], "epochs": 5, "train_batch_size": 32},
-                partial(linear_sgd.run, task_name=name))
+                partial(linear_sgd.run, task_name=name), lambda p: True)
 
 
 TASKS = {t.name: t for t in [

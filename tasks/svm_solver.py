@@ -9,7 +9,8 @@ makes f_p once differentiable with a generalised Hessian, so Newton's method app
 2005; Chapelle 2007; liblinear's TRON): the Newton direction comes from conjugate gradients on
 H_p = I + 2 X^T diag(C_pi [i active]) X, and the step length from an exact search on the piecewise
 quadratic along it. All problems advance together: every product with X is one matrix product over
-all problems (on the accelerator when present), which is where the speed comes from.
+all problems (on the accelerator when present), which is where the speed comes from. Started from the
+solution of a smaller cost (`init`), as liblinear's cost search does, a problem needs fewer Newton steps.
 """
 import numpy as np
 import torch
@@ -34,11 +35,12 @@ def _line_search(w, s, outputs, z, y, cost, iterations=20):
 
 
 def fit_linear_svms(x, y, costs, train_mask=None, positive_weight=1.0, tol=1e-4, max_newton=100, max_cg=500,
-                    cg_tol=0.1, device="cpu"):
+                    cg_tol=0.1, init=None, device="cpu"):
     """x: (n, d) features; y: (P, n) labels in {-1, +1}; costs: (P,); train_mask: (P, n) bool, the samples
-    each problem trains on (default all). A problem stops when |grad f_p| <= tol |grad f_p(0)|; each
-    Newton direction is solved to a relative residual of cg_tol (TRON's). Returns NumPy arrays
-    (weights (P, d), bias (P,), Newton iterations (P,))."""
+    each problem trains on (default all); init: (P, d + 1) starting weights with the bias last (default 0).
+    A problem stops when |grad f_p| <= tol |grad f_p(0)|, whatever the start; each Newton direction is
+    solved to a relative residual of cg_tol (TRON's). Returns NumPy arrays (weights (P, d), bias (P,),
+    Newton iterations (P,))."""
     dtype = torch.float32
     xb = torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
     xb = torch.cat([xb, torch.ones(len(xb), 1, dtype=dtype, device=device)], 1)  # the bias feature
@@ -49,15 +51,15 @@ def fit_linear_svms(x, y, costs, train_mask=None, positive_weight=1.0, tol=1e-4,
     cost = torch.as_tensor(np.asarray(costs, float), dtype=dtype, device=device)[:, None]
     cost = cost * torch.where(y > 0, positive_weight, 1.0) * mask  # samples outside the mask weigh nothing
 
-    w = torch.zeros(P, xb.shape[1], dtype=dtype, device=device)
-    outputs = torch.zeros(P, n, dtype=dtype, device=device)  # X w, kept with w
+    w = torch.zeros(P, xb.shape[1], dtype=dtype, device=device) if init is None else \
+        torch.as_tensor(np.asarray(init), dtype=dtype, device=device).clone()
+    outputs = w @ xb.T  # X w, kept with w
     iterations = np.zeros(P, int)
-    first_norm = None
+    first_norm = (2 * (cost * y) @ xb).norm(dim=1)  # |grad f_p(0)|: every sample is active at w = 0
     for it in range(1, max_newton + 1):
         act = _objective_terms(y, cost, outputs)
         grad = w + 2 * (act * (outputs - y)) @ xb
         norm = grad.norm(dim=1)
-        first_norm = norm if first_norm is None else first_norm
         todo = torch.nonzero(norm > tol * first_norm).flatten()
         if len(todo) == 0:
             break

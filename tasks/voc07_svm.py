@@ -37,8 +37,9 @@ class Voc07SvmProtocol:
     folds: int = param(3, GOYAL + ": 3-fold cross-validation on average precision")
     max_iter: int = param(2000, GOYAL + ": LinearSVC max_iter")
     tol: float = param(1e-4, GOYAL + ": LinearSVC tol")
-    solver: str = param("fast", "fast: Newton-CG on the same primal for all classes, costs and folds at once "
-                                "(tasks/svm_solver.py; agreement with sklearn: tasks/bench_svm.py); "
+    solver: str = param("fast", "fast: Newton-CG on the same primal for all classes and folds at once, cost "
+                                "after cost, warm-started (tasks/svm_solver.py; agreement with sklearn: "
+                                "tasks/bench_svm.py); "
                                 "sklearn: LinearSVC (liblinear) one problem at a time, the reference")
     fast_tol: float = param(1e-6, "numerical: the fast solver stops at |gradient| <= fast_tol |gradient at 0|; "
                                   "the agreement with sklearn is measured by tasks/bench_svm.py")
@@ -95,28 +96,32 @@ def _sklearn_scores(xtr, labels, xte, p):
 
 
 def _fast_scores(xtr, labels, xte, p, device):
-    """The same protocol with every (class, fold, cost) problem trained together by `fit_linear_svms`."""
-    problems = []  # (class, validation indices or None, cost, train mask)
+    """The same protocol with the (class, fold) problems trained together by `fit_linear_svms`, one cost after
+    the other in increasing order, each started from the solution of the previous cost (a warm start)."""
+    problems = []  # (class, validation indices, train mask)
     for c, y in labels.items():
         for tr, va in _cv_splits(y, p):
             mask = np.zeros(len(y), bool)
             mask[tr] = True
-            problems += [(c, va, cost, mask) for cost in p.costs]
+            problems.append((c, va, mask))
 
-    def fit(probs):
-        w, b, _ = fit_linear_svms(xtr, np.stack([labels[q[0]] for q in probs]), [q[2] for q in probs],
-                                  np.stack([q[3] for q in probs]), p.positive_weight, p.fast_tol, device=device)
-        return w, b
+    def fit(classes, costs, masks, init):
+        w, b, _ = fit_linear_svms(xtr, np.stack([labels[c] for c in classes]), costs, np.stack(masks),
+                                  p.positive_weight, p.fast_tol, init=init, device=device)
+        return np.concatenate([w, b[:, None]], 1)
 
-    w, b = fit(problems)
-    cv = {}
-    for (c, va, cost, _), wi, bi in zip(problems, w, b):
-        ap = average_precision_score(labels[c][va] > 0, xtr[va] @ wi + bi)
-        cv.setdefault(c, {}).setdefault(cost, []).append(ap)
+    cv, solutions, init = {}, {}, None
+    for cost in sorted(p.costs):
+        init = fit([c for c, _, _ in problems], [cost] * len(problems), [m for _, _, m in problems], init)
+        for (c, va, _), wb in zip(problems, init):
+            ap = average_precision_score(labels[c][va] > 0, xtr[va] @ wb[:-1] + wb[-1])
+            cv.setdefault(c, {}).setdefault(cost, []).append(ap)
+            solutions.setdefault((c, cost), []).append(wb)
     chosen = {c: _best({cost: np.mean(a) for cost, a in scores.items()}, p) for c, scores in cv.items()}
-    refit = [(c, None, cost, np.ones(len(xtr), bool)) for c, cost in chosen.items()]
-    w, b = fit(refit)
-    return {c: (cost, xte @ wi + bi) for (c, _, cost, _), wi, bi in zip(refit, w, b)}
+    # the refit on all of trainval starts from the mean of its folds' solutions at the chosen cost
+    start = np.stack([np.mean(solutions[c, cost], 0) for c, cost in chosen.items()])
+    wb = fit(list(chosen), list(chosen.values()), [np.ones(len(xtr), bool)] * len(chosen), start)
+    return {c: (cost, xte @ w[:-1] + w[-1]) for (c, cost), w in zip(chosen.items(), wb)}
 
 
 def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu"):

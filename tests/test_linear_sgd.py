@@ -62,3 +62,91 @@ def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path
     assert cli(["--ckpt", str(ckpt), "--task", "knn_in1k", "--demo", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "fresh-cache" / "features").is_dir()
     assert metrics_of(tmp_path / "b") == recs["knn_in1k"]["metrics"]
+
+
+def test_epoch_batches_split_every_global_batch_across_processes():
+    import torch
+
+    from tasks.linear_sgd import EpochBatches
+
+    one = list(EpochBatches(23, 8, epoch=4, seed=1))
+    parts = [list(EpochBatches(23, 8, epoch=4, seed=1, rank=r, world=3)) for r in range(3)]
+    assert [len(b) for b in one] == [8, 8, 7]
+    for step, batch in enumerate(one):  # the processes' parts, in rank order, are the one-process batch
+        assert sum((p[step] for p in parts), []) == batch
+    assert sorted(i for b in one for _, i in b) == list(range(23)) and {e for b in one for e, _ in b} == {4}
+    assert list(EpochBatches(23, 8, epoch=5, seed=1)) != one  # a new order each epoch
+    assert [len(b) for b in EpochBatches(17, 8, epoch=0, seed=0, world=2)] == [4, 4]  # a 1-image batch is dropped
+    assert torch.equal(torch.tensor([i for b in one for _, i in b]),
+                       torch.tensor([i for b in EpochBatches(23, 8, epoch=4, seed=1) for _, i in b]))
+
+
+def test_augmentation_depends_on_seed_epoch_and_image_only():
+    import torch
+
+    from tasks.linear_sgd import SeededSamples
+
+    class Draw:
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(3), i
+
+    s = SeededSamples(Draw(), seed=0)
+    a = s[(2, 3)][0]
+    torch.rand(100)  # the global generator's state does not matter ...
+    assert torch.equal(s[(2, 3)][0], a)
+    assert not torch.equal(s[(3, 3)][0], a) and not torch.equal(s[(2, 4)][0], a)  # ... epoch and image do
+    state = torch.get_rng_state()
+    s[(0, 0)]
+    assert torch.equal(torch.get_rng_state(), state)  # and the global generator is left as it was
+
+
+def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_root):
+    """2 processes over Gloo: each takes half of every batch; the result equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from evaluate.common import REPO_ROOT
+
+    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--set", "epochs=2"]
+    assert cli(args + ["--out", str(tmp_path / "one")]) == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(REPO_ROOT / "evaluate" / "run.py"), *args,
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("record:") == 1  # rank 0 alone reports and writes
+    record = json.loads(next((tmp_path / "two" / "records").rglob("*.json")).read_text())
+    assert record["data"]["processes"] == 2
+    heads = [torch.load(next((tmp_path / d / "state").glob("*.pt")), weights_only=True)["head"] for d in ("one", "two")]
+    for key in heads[0]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], atol=1e-5, rtol=1e-4)
+    assert record["metrics"] == metrics_of(tmp_path / "one")
+
+
+def test_torchrun_refuses_tasks_that_train_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli(["--ckpt", "random", "--task", "knn_in100,linear_places205", "--demo", "--out", str(tmp_path)]) == 2
+    assert "knn_in100 train nothing that torchrun could share" in capsys.readouterr().err
+
+
+def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root):
+    out = tmp_path / "sgd"
+    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "linear_in100,linear_stl10", "--demo",
+                "--set", "protocol=sgd", "--set", "sgd_epochs=1", "--out", str(out)]) == 0
+    recs = {r["task"]: r for r in (json.loads(p.read_text()) for p in (out / "records").rglob("*.json"))}
+    for task, prefix, train_size in (("linear_in100", "in100", 180), ("linear_stl10", "stl10", None)):
+        r = recs[task]
+        assert set(r["metrics"]) == {f"{prefix}_linear_top1", f"{prefix}_linear_top5"}
+        assert 0 <= r["metrics"][f"{prefix}_linear_top1"] <= r["metrics"][f"{prefix}_linear_top5"] <= 100
+        assert r["protocol"]["protocol"]["value"] == "sgd" and r["protocol"]["sgd_epochs"]["value"] == 1
+        assert r["data"]["sgd_protocol"]["schedule"]["value"] == "cosine"
+        assert train_size is None or r["data"]["train_size"] == train_size
+    # one epoch was trained and saved per task (the state file names the task and protocol)
+    assert sorted(p.name.split("__")[0] for p in (out / "state").glob("*.pt")) == ["linear_in100_sgd",
+                                                                                   "linear_stl10_sgd"]
