@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         alone = [t.name for t, p in zip(tasks, protocols) if not t.distributed(p)]
         if alone:
             raise UserError(f"{', '.join(alone)} train nothing that torchrun could share; run them with plain "
-                            "python (torchrun runs the SGD probes, protocol=sgd and the semi-supervised tasks)")
+                            "python (torchrun runs the SGD probes, protocol=sgd, semi-supervised and detection tasks)")
     placed, rank, world = setup_distributed(device.startswith("cuda"))
     device = str(placed) if world > 1 else device
     say = print if rank == 0 else (lambda *a, **k: None)

@@ -72,11 +72,11 @@ TASKS = {t.name: t for t in [
     _sgd("linear_inat18", "inat18", "inat2018/", epochs=84),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
          "paper §8.4; MoCo's detection recipe", detection.VocDetProtocol(), detection.VOC_DEMO,
-         partial(detection_run.run, task_name="voc_det")),
+         partial(detection_run.run, task_name="voc_det"), lambda p: True),
     Task("align_uniform", "alignment and uniformity of features of two augmented views (Table 12)",
          "imagenet/ (the 100 CMC synsets)", "Wang & Isola 2020; paper Table 12",
          align_uniform.AlignUniformProtocol(), align_uniform.DEMO, align_uniform.run),
     Task("coco_instseg", "Mask R-CNN R50-FPN finetuning, box and mask AP on val2017", "coco/",
          "paper §8.4, §9", detection.CocoInstsegProtocol(), detection.COCO_DEMO,
-         partial(detection_run.run, task_name="coco_instseg")),
+         partial(detection_run.run, task_name="coco_instseg"), lambda p: True),
 ]}

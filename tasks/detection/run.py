@@ -2,7 +2,8 @@
 
 The engine is Detectron2 when it imports (protocol `engine=auto`), else torchvision; `--set engine=`
 chooses. Each trial (seed) trains from the checkpoint and keeps its state under `<out>/state/`, so
-`--resume` continues an interrupted run. With trials > 1 the record holds every trial and the mean
+`--resume` continues an interrupted run. The torchvision engine runs under torchrun (one process per
+GPU); Detectron2's engine starts its own processes. With trials > 1 the record holds every trial and the mean
 and std of each metric (MoCo reports VOC as the mean of 5).
 """
 import importlib.util
@@ -69,8 +70,8 @@ def _trial(ctx, p, task, engine, train, test, classes, seed):
         torch.manual_seed(seed)
         model = tv_engine.build(task, ctx.model, len(classes), p)
         state = StateFile(state_path(ctx, task, seed), ctx.resume, p)
-        tv_engine.train(model, train, p, task, ctx.device, seed, state, ctx.log)
-        return tv_engine.predict(model, test, p, ctx.device)
+        model = tv_engine.train(model, train, p, task, ctx.device, seed, state, ctx.log, ctx.rank, ctx.world)
+        return tv_engine.predict(model, test, p, ctx.device) if ctx.rank == 0 else None
     from tasks.detection import d2_engine
 
     return d2_engine.train_and_predict(ctx, p, task, train, test, classes, seed,
@@ -79,6 +80,9 @@ def _trial(ctx, p, task, engine, train, test, classes, seed):
 
 def run(ctx, p, task_name):
     engine = resolve_engine(p.engine)
+    if ctx.world > 1 and engine == "detectron2":
+        raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
+                        "torchrun (or use --set engine=torchvision under torchrun)")
     check_arch(ctx, p, task_name, engine)
     if p.trials < 1:
         raise UserError("trials must be at least 1")
@@ -88,6 +92,8 @@ def run(ctx, p, task_name):
         seed = ctx.seed + t
         ctx.log(f"  {engine} engine, trial {t + 1}/{p.trials} (seed {seed}), {len(train)} training images")
         predictions = _trial(ctx, p, task_name, engine, train, test, classes, seed)
+        if predictions is None:
+            continue  # under torchrun, rank 0 scores and records
         if task_name == "voc_det":
             metrics, extra = voc_detection_metrics(predictions, test, classes)
         else:
@@ -95,9 +101,12 @@ def run(ctx, p, task_name):
             metrics, extra = coco_metrics(results, coco.annotation_file), {}
             artifacts[f"coco_results_seed{seed}.json"] = json.dumps(results)
         trials.append({"seed": seed, "metrics": metrics, **extra})
+    if ctx.rank != 0:
+        return {}, {}
     names = list(trials[0]["metrics"])
     mean = {k: float(np.mean([tr["metrics"][k] for tr in trials])) for k in names}
-    info = {"engine": engine, "train_images": len(train), "test_images": len(test), "cleaning": dict(counts),
+    info = {"engine": engine, "processes": ctx.world, "train_images": len(train), "test_images": len(test),
+            "cleaning": dict(counts),
             "trials": trials, "artifacts": artifacts}
     if p.trials > 1:
         info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}

@@ -10,6 +10,7 @@ listed in the README.
 """
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
+from evaluate.common import UserError
 from tasks.datasets.coco import annotation_mask
 from tasks.detection.data import load_rgb
 from tasks.detection.metrics import encode_masks
@@ -122,18 +124,21 @@ class Detections(torch.utils.data.Dataset):
 
 class TrainOrder(torch.utils.data.Sampler):
     """Endless (index, flip) draws: a fresh permutation per pass, flips at random; seeded, and able to start
-    after `skip` draws so that a resumed run sees the images the interrupted one would have seen."""
+    after `skip` draws so that a resumed run sees the images the interrupted one would have seen. Every
+    process draws the same sequence and keeps its part of each global batch of `batch` draws."""
 
-    def __init__(self, n, seed, flip, skip=0):
+    def __init__(self, n, seed, flip, skip=0, batch=1, rank=0, world=1):
         self.n, self.seed, self.flip, self.skip = n, seed, flip, skip
+        self.batch, self.rank, self.world = batch, rank, world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)
-        drawn = 0
+        drawn, share = 0, self.batch // self.world
+        mine = range(self.rank * share, (self.rank + 1) * share)
         while True:
             order, flips = torch.randperm(self.n, generator=g), torch.rand(self.n, generator=g) < 0.5
             for i, f in zip(order.tolist(), flips.tolist()):
-                if drawn >= self.skip:
+                if drawn >= self.skip and drawn % self.batch in mine:
                     yield i, bool(f and self.flip)
                 drawn += 1
 
@@ -142,10 +147,11 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _loader(records, p, with_masks, seed, skip):
-    return torch.utils.data.DataLoader(Detections(records, with_masks), batch_size=p.ims_per_batch,
-                                       sampler=TrainOrder(len(records), seed, p.flip, skip), collate_fn=_collate,
-                                       num_workers=p.workers)
+def _loader(records, p, with_masks, seed, skip, rank=0, world=1):
+    """This process's share (ims_per_batch / world images) of each global batch."""
+    return torch.utils.data.DataLoader(Detections(records, with_masks), batch_size=p.ims_per_batch // world,
+                                       sampler=TrainOrder(len(records), seed, p.flip, skip, p.ims_per_batch, rank,
+                                                          world), collate_fn=_collate, num_workers=p.workers)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -173,8 +179,12 @@ def _to(images, targets, device):
     return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def train(model, records, p, task, device, seed, state, log):
-    """Trains for p.max_iter iterations; `state` (a StateFile) saves every checkpoint_period and resumes."""
+def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
+    """Trains for p.max_iter iterations; `state` (a StateFile) saves every checkpoint_period and resumes.
+    Under torchrun each process takes its share of every global batch (DDP averages the gradients; BN is
+    synchronised on CUDA) and rank 0 saves; the model returned is the plain module."""
+    if p.ims_per_batch % world:
+        raise UserError(f"ims_per_batch {p.ims_per_batch} is not divisible by the {world} processes")
     model.to(device).train()
     opt = _optimizer(model, p)
     start = 0
@@ -185,15 +195,21 @@ def train(model, records, p, task, device, seed, state, log):
         start = saved["iteration"]
         log(f"  resumed {state.path.name} at iteration {start}")
     amp = device.startswith("cuda")
+    net = model
+    if world > 1:
+        if amp:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, BN over the global batch
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device)] if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    batches = iter(_loader(records, p, task == "coco_instseg", seed, start * p.ims_per_batch))
-    bar = tqdm(range(start, p.max_iter), desc=f"{task} train", leave=False, initial=start, total=p.max_iter)
+    batches = iter(_loader(records, p, task == "coco_instseg", seed, start * p.ims_per_batch, rank, world))
+    bar = tqdm(range(start, p.max_iter), desc=f"{task} train", leave=False, initial=start, total=p.max_iter,
+               disable=rank != 0)
     for it in bar:
         for group in opt.param_groups:
             group["lr"] = p.base_lr * lr_factor(it, p)
         images, targets = _to(*next(batches), device)
         with torch.autocast("cuda", enabled=amp):
-            losses = model(images, targets)
+            losses = net(images, targets)
         loss = sum(losses.values())
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"the detection loss became {loss.item()} at iteration {it}")
@@ -202,14 +218,18 @@ def train(model, records, p, task, device, seed, state, log):
         scaler.step(opt)
         scaler.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (it + 1) % p.checkpoint_period == 0 or it + 1 == p.max_iter:
+        if rank == 0 and ((it + 1) % p.checkpoint_period == 0 or it + 1 == p.max_iter):
             state.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1})
-    precise_bn(model, records, p, task, device, seed)
+    model = net.module if world > 1 else net
+    if rank == 0:
+        # the images Detectron2's PreciseBN averages over on `world` processes, here on one
+        precise_bn(model, records, replace(p, precise_bn_iters=p.precise_bn_iters * world), task, device, seed,
+                   world)
     return model
 
 
 @torch.no_grad()
-def precise_bn(model, records, p, task, device, seed):
+def precise_bn(model, records, p, task, device, seed, world=1):
     """Detectron2's PreciseBN: BN statistics re-estimated as the plain mean over precise_bn_iters batches."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or p.precise_bn_iters <= 0:
@@ -218,7 +238,7 @@ def precise_bn(model, records, p, task, device, seed):
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
-    batches = iter(_loader(records, p, task == "coco_instseg", seed + 1, 0))
+    batches = iter(_loader(records, p, task == "coco_instseg", seed + 1, 0, 0, world))
     model.train()
     for _ in range(p.precise_bn_iters):
         model(*_to(*next(batches), device))
