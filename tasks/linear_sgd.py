@@ -55,7 +55,9 @@ class LinearSgdProtocol(FrozenFeatureProtocol):
 
 SEMISUP = "paper §8.2: SGD with Nesterov momentum 0.9, batch 1024"
 SIMCLR_B5 = ("not stated by the paper; SimCLR's semi-supervised protocol, whose 1%/10% lists the paper uses "
-             "(Chen et al. 2020, App. B.5): 60 epochs for 1%, 30 for 10%, no weight decay, no LR decay")
+             "(Chen et al. 2020, App. B.5): 60 epochs for 1%, 30 for 10%, no weight decay, no warm-up")
+SIMCLR_SCHEDULE = ("not stated by the paper; SimCLR's fine-tuning (App. B.5: no warm-up) runs its one LR schedule, "
+                   "cosine decay per step (google-research/simclr, tf2/run.py WarmUpAndCosineDecay)")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class SemisupProtocol(LinearSgdProtocol):
     nesterov: bool = param(True, SEMISUP)
     weight_decay: float = param(0.0, SIMCLR_B5)
     train_batch_size: int = param(1024, SEMISUP)
-    schedule: str = param("constant", SIMCLR_B5)
+    schedule: str = param("cosine", SIMCLR_SCHEDULE)
 
 
 def learning_rate(p: LinearSgdProtocol, epoch: int, step: int, steps_per_epoch: int) -> float:

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from tasks.detection import protocol as detection  # noqa: E402
+from tasks.detection import tv_engine  # noqa: E402
 from tasks.detection.run import resolve_engine  # noqa: E402
 from evaluate.common import UserError  # noqa: E402
 
@@ -59,8 +60,6 @@ def synthetic_batch(task, size, batch, seed=0):
 
 
 def torchvision_step(task, p, arch, batch, device):
-    from tasks.detection import tv_engine
-
     model = tv_engine.build(task, torchvision.models.get_model(arch), NUM_CLASSES[task], p).to(device).train()
     opt = tv_engine._optimizer(model, p)
     images = [im.div(255).to(device) for im, *_ in batch]
@@ -78,15 +77,14 @@ def torchvision_step(task, p, arch, batch, device):
 def detectron2_step(task, p, arch, batch, device):
     from detectron2.modeling import build_model
     from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
 
     from tasks.detection import d2_engine
 
     cfg = d2_engine.make_config(task, p, arch, device, 0, "/tmp", "", "bench_train", "bench_test",
                                 NUM_CLASSES[task], world=1)
     model = build_model(cfg).train()
-    from tasks.detection.tv_engine import _optimizer
-
-    opt = _optimizer(model, p)
+    opt = tv_engine._optimizer(model, p)  # the same SGD groups for both engines
     inputs = []
     for image, boxes, labels, masks in batch:
         inst = Instances(image.shape[1:], gt_boxes=Boxes(boxes), gt_classes=labels)
@@ -95,7 +93,8 @@ def detectron2_step(task, p, arch, batch, device):
         inputs.append({"image": image, "instances": inst, "height": image.shape[1], "width": image.shape[2]})
 
     def step():
-        loss = sum(model(inputs).values())
+        with EventStorage():  # Detectron2's models log training statistics into one
+            loss = sum(model(inputs).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
