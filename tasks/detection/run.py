@@ -3,8 +3,8 @@
 The engine is Detectron2 when it imports (protocol `engine=auto`), else torchvision; `--set engine=`
 chooses. Each trial (seed) trains from the checkpoint and keeps its state under `<out>/state/`, so
 `--resume` continues an interrupted run. The torchvision engine runs under torchrun (one process per
-GPU); Detectron2's engine starts its own processes. With trials > 1 the record holds every trial and the mean
-and std of each metric (MoCo reports VOC as the mean of 5).
+GPU); Detectron2's engine starts its own processes. With trials > 1 the record holds every trial and
+the mean and std of each metric (MoCo reports VOC as the mean of 5).
 """
 import importlib.util
 import json
@@ -106,8 +106,7 @@ def run(ctx, p, task_name):
     names = list(trials[0]["metrics"])
     mean = {k: float(np.mean([tr["metrics"][k] for tr in trials])) for k in names}
     info = {"engine": engine, "processes": ctx.world, "train_images": len(train), "test_images": len(test),
-            "cleaning": dict(counts),
-            "trials": trials, "artifacts": artifacts}
+            "cleaning": dict(counts), "trials": trials, "artifacts": artifacts}
     if p.trials > 1:
         info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}
     prefix = "voc_det_" if task_name == "voc_det" else "coco_"
