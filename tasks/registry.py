@@ -1,8 +1,7 @@
 """Every task `evaluate/run.py` knows: what it measures, on which data, by whose protocol."""
 from dataclasses import dataclass, field
-from typing import Callable, Optional
-
 from functools import partial
+from typing import Callable, Optional
 
 from tasks import align_uniform, knn, linear, linear_sgd, voc07_svm
 from tasks.detection import protocol as detection
@@ -20,7 +19,6 @@ class Task:
     demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
     run: Optional[Callable] = None  # run(ctx, protocol) -> (metrics, info)
     distributed: Callable = lambda protocol: False  # whether torchrun can share the task's training
-
 
     @property
     def implemented(self) -> bool:

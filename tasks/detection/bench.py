@@ -16,6 +16,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -81,8 +82,8 @@ def detectron2_step(task, p, arch, batch, device):
 
     from tasks.detection import d2_engine
 
-    cfg = d2_engine.make_config(task, p, arch, device, 0, "/tmp", "", "bench_train", "bench_test",
-                                NUM_CLASSES[task], world=1)
+    cfg = d2_engine.make_config(task, p, arch, device, 0, tempfile.gettempdir(), "", "bench_train", "bench_test",
+                                NUM_CLASSES[task], world=1)  # no weights: random initialisation
     model = build_model(cfg).train()
     opt = tv_engine._optimizer(model, p)  # the same SGD groups for both engines
     inputs = []
