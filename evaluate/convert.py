@@ -11,38 +11,14 @@ Detectron2's names (stem, res2-res5, shortcut, norms) and `matching_heuristics`,
 writes it; it takes RGB input normalised like torchvision's (set the detector's PIXEL_MEAN/STD).
 Exit codes: 0 done, 2 the user's mistake, 1 a bug.
 """
-import io
-import pickle
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import ArgumentParser, UserError, atomic_torch_save, atomic_write_bytes, run_cli  # noqa: E402
-
-TARGETS = ("torchvision", "safetensors", "detectron2")
-
-
-def backbone_state(ckpt, arch=None, format_name=None, part=None):
-    """The checkpoint's backbone as a strict torchvision state dict (through the evaluation loader)."""
-    from evaluate.checkpoints import make_encoder
-
-    model, info, arch = make_encoder(ckpt, arch, format_name=format_name, part=part)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, info, arch
-
-
-def to_detectron2(state: dict) -> dict:
-    from evaluate.formats import torchvision_to_detectron2_key
-
-    model = {}
-    for k, v in state.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        name = torchvision_to_detectron2_key(k)
-        if name is None:
-            raise UserError(f"cannot name {k} in Detectron2's ResNet")
-        model[name] = v.numpy()
-    return {"model": model, "__author__": "ssl-transfer (torchvision conversion)", "matching_heuristics": True}
+from backbones.checkpoints import make_encoder  # noqa: E402
+from backbones.convert import TARGETS, write_backbone  # noqa: E402
+from core.cli import ArgumentParser, UserError, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -56,17 +32,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.out.resolve() == Path(args.ckpt).resolve():
         raise UserError("--out must not overwrite the input checkpoint")
-    state, info, arch = backbone_state(args.ckpt, args.arch, args.ckpt_format, args.ckpt_part)
-    if args.to == "torchvision":
-        atomic_torch_save(state, args.out)
-    elif args.to == "safetensors":
-        from safetensors.torch import save
-
-        atomic_write_bytes(args.out, save({k: v.contiguous() for k, v in state.items()}))
-    else:
-        buf = io.BytesIO()
-        pickle.dump(to_detectron2(state), buf, protocol=4)
-        atomic_write_bytes(args.out, buf.getvalue())
+    model, info, arch = make_encoder(args.ckpt, args.arch, format_name=args.ckpt_format, part=args.ckpt_part)
+    write_backbone({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out, args.to)
     print(f"{info.path} (format {info.format}{', part ' + info.part if info.part else ''}, {arch}) -> "
           f"{args.out} ({args.to})")
     return 0

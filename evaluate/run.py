@@ -8,17 +8,14 @@
 Exit codes: 0 done; 2 a mistake in the command or its inputs (one sentence says which); 1 a bug.
 """
 import argparse
-import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.common import REPO_ROOT, ArgumentParser, UserError, run_cli, setup_distributed  # noqa: E402
-
-EXIT_USER_ERROR = 2
+from core.cli import EXIT_USER_ERROR, ArgumentParser, UserError, run_cli  # noqa: E402,F401
+from core.files import REPO_ROOT  # noqa: E402
 
 
 def task_table() -> str:
@@ -73,18 +70,13 @@ def select_tasks(spec: str):
 
 
 def parse_overrides(items, tasks):
-    from tasks.protocol import keys
+    from core.settings import keys, split_assignments, unknown_key
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r} is not KEY=VALUE")
-        out[key.strip()] = value.strip()
+    out = split_assignments(items, "--set")
     valid = sorted({k for t in tasks for k in keys(t.protocol)})
     for key in out:
         if key not in valid:
-            raise UserError(f"unknown --set key {key!r}; valid keys for the chosen tasks: {', '.join(valid)}")
+            raise unknown_key(key, valid, "--set")
     return out
 
 
@@ -103,32 +95,43 @@ def resolve_device(requested, world=1):
     return requested
 
 
-@dataclasses.dataclass
-class RunContext:
-    model: object
-    checkpoint: object
-    arch: str
-    data_root: Path
-    device: str
-    seed: int
-    demo: bool
-    out_dir: Path
-    resume: bool = False
-    log: object = print
-    rank: int = 0  # under torchrun: this process's rank and the process count
-    world: int = 1
+def resolve_protocols(tasks, overrides, demo):
+    """Each task's protocol with --demo's and --set's values, resolved before any work so that a bad value
+    stops the run at once."""
+    from core.settings import keys, with_overrides
+
+    out = []
+    for t in tasks:
+        p = with_overrides(t.protocol, t.demo, "demo") if demo else t.protocol
+        out.append(with_overrides(p, {k: v for k, v in overrides.items() if k in keys(p)}, "--set"))
+    return out
+
+
+def describe_checkpoint(checkpoint, arch, device, say):
+    say(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
+        + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
+    if checkpoint.dropped:
+        say("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
+    if checkpoint.input_normalization is not None:
+        say(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
+            f"std {checkpoint.input_normalization[1]}")
+    for key, note in checkpoint.notes.items():
+        say(f"  note ({key}): {note}")
 
 
 def main(argv=None) -> int:
-    from evaluate import records
-    from evaluate.checkpoints import make_encoder
-    from tasks.datasets import ensure_demo
-    from tasks.protocol import as_record, keys, with_overrides
+    from backbones.checkpoints import make_encoder
+    from core import distributed
+    from core.settings import as_record
+    from datasets.catalog import ensure_demo
+    from results import record as records
+    from results.report import write_report
+    from tasks.context import RunContext
 
     args = parse_args(argv)
     tasks = select_tasks(args.task)
     overrides = parse_overrides(args.overrides, tasks)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size()
     device = resolve_device(args.device, world)
     if args.demo:
         data_root = ensure_demo()
@@ -138,77 +141,43 @@ def main(argv=None) -> int:
         raise UserError(f"--data-root {args.data_root} is not a directory")
     else:
         data_root = args.data_root.resolve()
-    # Protocols are resolved before any work, so that a bad --set value stops the run at once.
-    protocols = []
-    for t in tasks:
-        p = with_overrides(t.protocol, t.demo, parse_strings=False) if args.demo else t.protocol
-        p = with_overrides(p, {k: v for k, v in overrides.items() if k in keys(p)}, parse_strings=True)
-        protocols.append(p)
+    protocols = resolve_protocols(tasks, overrides, args.demo)
     if world > 1:
         alone = [t.name for t, p in zip(tasks, protocols) if not t.distributed(p)]
         if alone:
-            raise UserError(f"{', '.join(alone)} train nothing that torchrun could share; run them with plain "
-                            "python (torchrun runs the SGD probes, protocol=sgd, semi-supervised and detection tasks)")
-    placed, rank, world = setup_distributed(device.startswith("cuda"))
+            raise UserError(f"{', '.join(alone)} cannot share its work over processes; run it with plain python")
+    placed, rank, world = distributed.setup_distributed(device.startswith("cuda"))
     device = str(placed) if world > 1 else device
     say = print if rank == 0 else (lambda *a, **k: None)
 
     model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part)
-    say(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
-          + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
-    if checkpoint.dropped:
-        say("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
-    if checkpoint.input_normalization is not None:
-        say(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
-              f"std {checkpoint.input_normalization[1]}")
-    for key, note in checkpoint.notes.items():
-        say(f"  note ({key}): {note}")
+    describe_checkpoint(checkpoint, arch, device, say)
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
                      rank, world)
+    command = "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for t, p in zip(tasks, protocols):
         say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
         started = time.time()
-        metrics, info = t.run(ctx, p)
+        out = t.run(ctx, p)
         if rank != 0:
             continue  # rank 0 writes the records
-        engine = info.pop("engine", "pytorch")
-        artifacts = info.pop("artifacts", {})
-        record = {
-            "task": t.name,
-            "demo": args.demo,
-            "engine": engine,
-            "metrics": metrics,
-            "data": {"dataset": getattr(p, "dataset", None), "root": str(data_root), **info},
-            "protocol": as_record(p, t.protocol),
-            "checkpoint": {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
-                           "part": checkpoint.part, "dropped": checkpoint.dropped,
-                           "input_normalization": checkpoint.input_normalization, "notes": checkpoint.notes,
-                           "pretraining": checkpoint.pretraining},
-            "arch": arch,
-            "seed": args.seed,
-            "device": device,
-            "git_commit": records.git_commit(),
-            "packages": records.package_versions(),
-            "command": "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "wall_time_s": round(time.time() - started, 2),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        path = records.write_record(args.out, record, artifacts)
-        for name, value in metrics.items():
+        record = records.build_record(
+            task=t.name, demo=args.demo, metrics=out.metrics, engine=out.engine, probe=out.probe,
+            data={"dataset": getattr(p, "dataset", None), "root": str(data_root), **out.info},
+            protocol=as_record(p, t.protocol), checkpoint=checkpoint.describe(), arch=arch, seed=args.seed,
+            device=device, command=command, started=started)
+        path = records.write_record(args.out, record, out.artifacts)
+        for name, value in out.metrics.items():
             print(f"  {name} = {value:.2f}")
         print(f"  record: {path}")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    distributed.shutdown()
     if rank != 0:
         return 0
     summary = records.write_summary(args.out)
     print(f"summary: {summary}")
-    from evaluate.report import write_report
-
     written, _ = write_report(args.out, args.out / "tables")
-    print(f"tables: {args.out / 'tables'} ({len(written)} files; python evaluate/report.py rebuilds them)")
+    print(f"tables: {args.out / 'tables'} ({len(written)} files; python evaluate/report.py --records {args.out} "
+          "rebuilds them)")
     return 0
 
 

@@ -5,14 +5,15 @@ import math
 import torch
 import torch.nn as nn
 
-from evaluate.checkpoints import build_backbone
+from backbones.resnet import build_backbone
+from core.cli import UserError
 
 
 def mlp_head(in_dim: int, hidden: int, out: int, norm: str) -> nn.Sequential:
     """Linear - norm - ReLU - Linear (BYOL's heads; Table 13 swaps BatchNorm for LayerNorm)."""
     norms = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
     if norm not in norms:
-        raise ValueError(f"head_norm must be batchnorm or layernorm, not {norm!r}")
+        raise UserError(f"head_norm must be batchnorm or layernorm, not {norm!r}")
     return nn.Sequential(nn.Linear(in_dim, hidden), norms[norm](hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 

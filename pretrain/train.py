@@ -23,17 +23,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from evaluate.common import (ArgumentParser, UserError, atomic_torch_save, atomic_write_text, epoch_order,  # noqa: E402
-                             run_cli, setup_distributed)
-from evaluate.features import collate_readable  # noqa: E402
+from core.cli import ArgumentParser, UserError, run_cli  # noqa: E402
+from core.distributed import gather_with_grad, setup_distributed, shutdown  # noqa: E402
+from core.files import atomic_torch_save, atomic_write_text  # noqa: E402
+from core.progress import progress  # noqa: E402
+from core.resume import StateFile  # noqa: E402
+from core.sampling import SeededBatches, SeededSamples  # noqa: E402
+from datasets.decode import SquareImages, collate_readable  # noqa: E402
+from datasets.views import ViewAugment, make_views  # noqa: E402
 from pretrain import losses  # noqa: E402
-from pretrain.augment import ViewAugment, make_views  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.data import DecodedImages, pretrain_images  # noqa: E402
+from pretrain.data import pretrain_images  # noqa: E402
 from pretrain.model import Online, Target, ema_update, target_pairs, tau_schedule  # noqa: E402
 from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate  # noqa: E402
 
@@ -60,39 +62,6 @@ def view_augments(cfg):
     same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ViewAugment) if f.name not in special}
     return [ViewAugment(**same, crop_scale=(cfg.crop_scale_min, 1.0), blur_sigma=tuple(cfg.blur_sigma), blur_p=b,
                         solarize_p=s) for b, s in zip(blur, sol)]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Index lists for steps start..total-1 of this rank: epoch order by (seed, epoch), rank slice, micro-batches."""
-
-    def __init__(self, n, batch, start, total, seed, rank, world, accumulate):
-        self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, seed
-        self.rank, self.world, self.accumulate = rank, world, accumulate
-        self.steps_per_epoch = n // batch
-
-    def __len__(self):
-        return (self.total - self.start) * self.accumulate
-
-    def __iter__(self):
-        order, order_epoch = None, -1
-        per_rank = self.batch // self.world
-        micro = per_rank // self.accumulate
-        for step in range(self.start, self.total):
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(self.n, self.seed, epoch), epoch
-            mine = order[pos * self.batch:(pos + 1) * self.batch][self.rank * per_rank:(self.rank + 1) * per_rank]
-            for a in range(self.accumulate):
-                yield mine[a * micro:(a + 1) * micro].tolist()
-
-
-def gather_batch(x):
-    """The global batch along dim 0, with gradients flowing back to every rank's part."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), 0)
 
 
 @torch.no_grad()
@@ -132,7 +101,7 @@ def loss_terms(cfg, p, z, g):
             total = total + cfg.lambda_b * lb
             terms["loss_brownian"] = lb.item()
         if cfg.lambda_s:
-            ls = losses.singular_value_loss(gather_batch(p.float()), cfg.svl_normalize)
+            ls = losses.singular_value_loss(gather_with_grad(p.float()), cfg.svl_normalize)
             total = total + cfg.lambda_s * ls
             terms["loss_singular"] = ls.item()
     terms["loss"] = total.item()
@@ -158,6 +127,18 @@ def export_backbone(online, path):
     atomic_torch_save(sd, path)
 
 
+def resumable_settings(cfg) -> dict:
+    """The config values a resumed run must share with the stopped one (all but the runtime keys)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RUNTIME_KEYS}
+
+
+def describe_config_change(saved, current) -> str:
+    changed = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
+    return (f"holds a run whose config differs from this one in {', '.join(changed)}; resume with the stopped "
+            "run's config, or start a new run in another out_dir")
+
+
 def setup_device(cfg):
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -174,7 +155,7 @@ def train(cfg, name, resume=False, log=print):
     if cfg.loss not in ("msbreg", "byol") or (cfg.loss == "byol" and cfg.views != 2):
         raise UserError("loss must be msbreg, or byol with views=2")
     augs = view_augments(cfg)
-    images = DecodedImages(pretrain_images(cfg), cfg.decode_size)
+    images = SquareImages(pretrain_images(cfg), cfg.decode_size)
     steps_per_epoch = len(images) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training images")
@@ -200,22 +181,18 @@ def train(cfg, name, resume=False, log=print):
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start, last_metrics = 0, {}
+    state_file = StateFile(out / "last.pth", resume, resumable_settings(cfg), describe_config_change, device)
     if resume:
-        path = out / "last.pth"
-        if not path.is_file():
-            raise UserError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=device, weights_only=True)
-        changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RUNTIME_KEYS and state["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
-        if changed:
-            raise UserError(f"--resume: the config differs from the stopped run's in {', '.join(changed)}")
+        state = state_file.load()
+        if state is None:
+            raise UserError(f"--resume: no checkpoint at {state_file.path}")
         online.load_state_dict(state["online"])
         target.load_state_dict(state["target"])
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start, last_metrics = state["step"], state["metrics"]
-        log(f"resumed {path} at step {start}")
+        log(f"resumed {state_file.path} at step {start}")
     model = torch.nn.parallel.DistributedDataParallel(online, device_ids=[device] if cuda else None) \
         if world > 1 else online
     pairs = target_pairs(target, online)
@@ -229,12 +206,12 @@ def train(cfg, name, resume=False, log=print):
         log(f"{name}: {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, K={cfg.views}, "
             f"max LR {max_lr:g}, device {device}, {world} process(es) -> {out}")
     loader = torch.utils.data.DataLoader(
-        images, batch_sampler=StepBatches(len(images), cfg.batch_size, start, total, cfg.seed, rank, world,
-                                          cfg.accumulate),
+        SeededSamples(images, cfg.seed),
+        batch_sampler=SeededBatches(len(images), cfg.batch_size, cfg.seed, start, total, rank, world, cfg.accumulate),
         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False, collate_fn=collate_readable)
     batches = iter(loader)
     stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
-    bar = tqdm(range(start, stop_at), initial=start, total=total, desc=name, disable=rank != 0, unit="step")
+    bar = progress(range(start, stop_at), name, total=total, initial=start, unit="step", show=rank == 0)
     for step in bar:
         lr, tau = learning_rate(step, total, warmup, max_lr), tau_schedule(step, total, cfg.tau_base)
         for group in opt.param_groups:
@@ -277,7 +254,7 @@ def train(cfg, name, resume=False, log=print):
                     writer.add_scalar(k, v, done)
             bar.set_postfix(loss=f"{terms_sum['loss']:.4f}", std=f"{std:.3f}")
         if rank == 0 and (done % cfg.save_every_steps == 0 or done == stop_at):
-            atomic_torch_save(checkpoint_state(cfg, done, online, target, opt, scaler, last_metrics), out / "last.pth")
+            state_file.save(checkpoint_state(cfg, done, online, target, opt, scaler, last_metrics))
     bar.close()
     if rank == 0:
         writer.close()
@@ -286,8 +263,7 @@ def train(cfg, name, resume=False, log=print):
             log(f"done: {out / 'backbone.pth'} (evaluate it with evaluate/run.py --ckpt {out / 'backbone.pth'})")
         else:
             log(f"stopped at step {stop_at} of {total}; continue with --resume")
-    if world > 1:
-        dist.destroy_process_group()
+    shutdown()
     return out
 
 

@@ -4,18 +4,11 @@ from typing import Optional
 
 import numpy as np
 
-from evaluate.checkpoints import IMAGENET_MEAN, IMAGENET_STD
-from evaluate.common import REPO_ROOT, UserError
-from evaluate.features import EvalTransform, extract_features
-from tasks.datasets import SUBDIRS
-from tasks.datasets.imagenet import read_imagenet
-from tasks.datasets.inat18 import read_inat18
-from tasks.datasets.places205 import read_places205
-from tasks.datasets.stl10 import read_stl10
-from tasks.protocol import param
-
-IN100_CLASSES = str(REPO_ROOT / "tasks/datasets/imagenet100_classes.txt")
-IN100_DEMO_CLASSES = str(REPO_ROOT / "tasks/datasets/imagenet100_demo_classes.txt")
+from backbones.features import extract_features
+from core.cli import UserError
+from core.settings import setting
+from datasets.catalog import IN100_CLASSES, IN100_DEMO_CLASSES, read_classification
+from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 TRANSFORM_SOURCE = ("ImageNet: resize 256 / centre crop 224, bilinear, ImageNet mean/std (torchvision's reference "
                     "evaluation, used by BYOL and MoCo); STL-10: resize 70 / centre crop 64, bicubic, STL-10 "
@@ -45,45 +38,26 @@ DEMO_PRESETS = {
 
 @dataclass(frozen=True)
 class FrozenFeatureProtocol:
-    dataset: str = param("imagenet", "the task's dataset")
-    train_split: str = param("train", "official train split (STL-10: the 5,000 labelled train images)")
-    test_split: str = param("val", "official validation/test split, as the paper reports (§8.1, §8.3)")
-    num_classes: int = param(1000, "the dataset's class count; a tree with another count is refused")
-    class_list: Optional[str] = param(None, "ImageNet-100: CMC's 100 synsets (shared/reference/imagenet100_classes.txt)")
-    metric_prefix: str = param("in1k", "metric names of shared/reference/paper_tables.csv")
-    resize: int = param(256, TRANSFORM_SOURCE)
-    crop: int = param(224, TRANSFORM_SOURCE)
-    interpolation: str = param("bilinear", TRANSFORM_SOURCE)
-    mean: tuple[float, ...] = param(IMAGENET_MEAN, TRANSFORM_SOURCE)
-    std: tuple[float, ...] = param(IMAGENET_STD, TRANSFORM_SOURCE)
-    batch_size: int = param(128, "runtime setting of feature extraction; does not change the features")
-    workers: int = param(2, "runtime setting (data-loading processes); does not change results")
-    skip_bad_images: bool = param(False, "suite policy: an unreadable image stops the run unless this is set")
-
-
-def read_classification(data_root, p: FrozenFeatureProtocol, split: str):
-    if p.dataset == "imagenet":
-        return read_imagenet(data_root / SUBDIRS["imagenet"], split, num_classes=p.num_classes)
-    if p.dataset == "imagenet100":
-        return read_imagenet(data_root / SUBDIRS["imagenet"], split, class_list=p.class_list,
-                             num_classes=p.num_classes, name="imagenet100")
-    if p.dataset == "stl10":
-        data = read_stl10(data_root / SUBDIRS["stl10"], split)
-        if len(data.classes) != p.num_classes:
-            raise UserError(f"STL-10 at {data_root / SUBDIRS['stl10']} has {len(data.classes)} classes, "
-                            f"the protocol expects {p.num_classes}")
-        return data
-    if p.dataset == "places205":
-        return read_places205(data_root / SUBDIRS["places205"], split, num_classes=p.num_classes)
-    if p.dataset == "inat18":
-        return read_inat18(data_root / SUBDIRS["inat18"], split, num_classes=p.num_classes)
-    raise UserError(f"dataset {p.dataset!r} is not a classification dataset "
-                    f"(imagenet, imagenet100, stl10, places205, inat18)")
+    dataset: str = setting("imagenet", "the task's dataset")
+    train_split: str = setting("train", "official train split (STL-10: the 5,000 labelled train images)")
+    test_split: str = setting("val", "official validation/test split, as the paper reports (§8.1, §8.3)")
+    num_classes: int = setting(1000, "the dataset's class count; a tree with another count is refused")
+    class_list: Optional[str] = setting(None, "ImageNet-100: CMC's 100 synsets (datasets/imagenet100_classes.txt)")
+    metric_prefix: str = setting("in1k", "metric names of results/paper/paper_tables.csv")
+    resize: int = setting(256, TRANSFORM_SOURCE)
+    crop: int = setting(224, TRANSFORM_SOURCE)
+    interpolation: str = setting("bilinear", TRANSFORM_SOURCE)
+    mean: tuple[float, ...] = setting(IMAGENET_MEAN, TRANSFORM_SOURCE)
+    std: tuple[float, ...] = setting(IMAGENET_STD, TRANSFORM_SOURCE)
+    batch_size: int = setting(128, "runtime setting of feature extraction; does not change the features")
+    workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
+    skip_bad_images: bool = setting(False, "suite policy: an unreadable image stops the run unless this is set")
 
 
 def read_splits(ctx, p: FrozenFeatureProtocol, check=None):
     """Both splits, checked (and `check(splits)`) before any extraction or training."""
-    splits = {name: read_classification(ctx.data_root, p, getattr(p, f"{name}_split")) for name in ("train", "test")}
+    splits = {name: read_classification(ctx.data_root, p.dataset, getattr(p, f"{name}_split"), p.num_classes,
+                                        p.class_list) for name in ("train", "test")}
     for name, data in splits.items():
         if len(np.unique(data.labels)) < 2:
             raise UserError(f"the {name} split of {p.dataset} holds fewer than two classes")

@@ -10,19 +10,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluate.common import UserError
+from core.cli import UserError
+from core.settings import setting
+from tasks.context import TaskOutput
 from tasks.frozen import FrozenFeatureProtocol, train_test_features
 from tasks.metrics import topk_accuracy, weighted_knn_scores
-from tasks.protocol import param
 
 
 @dataclass(frozen=True)
 class KnnProtocol(FrozenFeatureProtocol):
-    k: tuple[int, ...] = param((5, 20, 200), "paper §8.3: 20/200-NN on ImageNet, 5-NN on ImageNet-100 and STL-10; "
+    k: tuple[int, ...] = setting((5, 20, 200), "paper §8.3: 20/200-NN on ImageNet, 5-NN on ImageNet-100 and STL-10; "
                                               "all three reported together")
-    temperature: float = param(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
-    query_chunk: int = param(4096, "runtime setting (queries searched per call); does not change results")
-    bank_dtype: str = param("float32", "float32: exact; float16: the bank stored in half precision (FAISS fp16 "
+    temperature: float = setting(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
+    query_chunk: int = setting(4096, "runtime setting (queries searched per call); does not change results")
+    bank_dtype: str = setting("float32", "float32: exact; float16: the bank stored in half precision (FAISS fp16 "
                                        "scalar quantizer), so that an ImageNet bank (1.28M x 2048) fits in 24 GB")
 
 
@@ -55,7 +56,7 @@ def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4
     return {k: weighted_knn_scores(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature) for k in ks}
 
 
-def run(ctx, p: KnnProtocol):
+def run(ctx, p: KnnProtocol) -> TaskOutput:
     def check(splits):
         too_big = [k for k in p.k if k > len(splits["train"])]
         if too_big:
@@ -70,4 +71,4 @@ def run(ctx, p: KnnProtocol):
         acc = topk_accuracy(s, yte, (1, 5))
         metrics[f"{p.metric_prefix}_knn{k}_top1"] = acc[1]
         metrics[f"{p.metric_prefix}_knn{k}_top5"] = acc[5]
-    return metrics, info
+    return TaskOutput(metrics, info, probe={"probe": "knn"})

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
-from tasks import align_uniform, knn, linear, linear_sgd, voc07_svm
+from tasks import align_uniform, knn, linear, linear_sgd, semisup, voc07_svm
 from tasks.detection import protocol as detection
 from tasks.detection import run as detection_run
 from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS
@@ -17,7 +17,7 @@ class Task:
     source: str
     protocol: object = None  # the published protocol (a dataclass instance); None: not implemented yet
     demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
-    run: Optional[Callable] = None  # run(ctx, protocol) -> (metrics, info)
+    run: Optional[Callable] = None  # run(ctx, protocol) -> tasks.context.TaskOutput
     distributed: Callable = lambda protocol: False  # whether torchrun can share the task's training
 
     @property
@@ -48,7 +48,7 @@ def _semisup(name, measures, subset, protocol):
     # Demo: 5 epochs at batch 32 on the demo subsets (24 and 72 images of the 12-class demo tree).
     return Task(name, measures, f"imagenet/, imagenet_subsets/{subset}", "paper §8.2; SimCLR App. B.5", protocol,
                 {**DEMO_PRESETS["imagenet"], "epochs": 5, "train_batch_size": 32},
-                partial(linear_sgd.run, task_name=name), lambda p: True)
+                partial(semisup.run, task_name=name), lambda p: True)
 
 
 TASKS = {t.name: t for t in [
@@ -56,10 +56,10 @@ TASKS = {t.name: t for t in [
     _linear("linear_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)"),
     _linear("linear_stl10", "stl10", "stl10/stl10_binary/"),
     _semisup("semisup_1pct", "classifier on the frozen encoder from SimCLR's 1% subset, top-1/top-5",
-             "1percent.txt", linear_sgd.SemisupProtocol()),
+             "1percent.txt", semisup.SemisupProtocol()),
     _semisup("semisup_10pct", "encoder and classifier finetuned on SimCLR's 10% subset, top-1/top-5",
-             "10percent.txt", linear_sgd.SemisupProtocol(metric_prefix="semisup10", train_subset="10percent.txt",
-                                                         epochs=30, lr=0.25, encoder_lr=2.5e-4)),
+             "10percent.txt", semisup.SemisupProtocol(metric_prefix="semisup10", train_subset="10percent.txt",
+                                                      epochs=30, lr=0.25, encoder_lr=2.5e-4)),
     _knn("knn_in1k", "imagenet", "imagenet/"),
     # The demo ImageNet-100 train split has 180 images, fewer than 200 neighbours.
     _knn("knn_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)", {"k": (5, 20, 100)}),

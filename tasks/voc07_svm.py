@@ -16,13 +16,14 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
-from evaluate.checkpoints import IMAGENET_MEAN, IMAGENET_STD
-from evaluate.common import UserError
-from evaluate.features import EvalTransform, extract_features
-from tasks.datasets import SUBDIRS
-from tasks.datasets.voc import read_voc_classification
+from backbones.features import extract_features
+from core.cli import UserError
+from core.settings import setting
+from datasets.catalog import SUBDIRS
+from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from datasets.voc import read_voc_classification
+from tasks.context import TaskOutput
 from tasks.metrics import voc_ap
-from tasks.protocol import param
 from tasks.svm_solver import fit_linear_svms
 
 GOYAL = "Goyal et al. 2019 (fair_self_supervision_benchmark), VISSL's voc07 SVM"
@@ -30,24 +31,24 @@ GOYAL = "Goyal et al. 2019 (fair_self_supervision_benchmark), VISSL's voc07 SVM"
 
 @dataclass(frozen=True)
 class Voc07SvmProtocol:
-    train_split: str = param("trainval", "VOC2007 trainval (paper §8.4)")
-    test_split: str = param("test", "VOC2007 test (paper §8.4)")
-    costs: tuple[float, ...] = param((0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0), GOYAL)
-    positive_weight: float = param(2.0, GOYAL + ": class_weight {1: 2, -1: 1}")
-    folds: int = param(3, GOYAL + ": 3-fold cross-validation on average precision")
-    max_iter: int = param(2000, GOYAL + ": LinearSVC max_iter")
-    tol: float = param(1e-4, GOYAL + ": LinearSVC tol")
-    solver: str = param("fast", "fast: Newton-CG on the same primal for all classes and folds at once, cost "
+    train_split: str = setting("trainval", "VOC2007 trainval (paper §8.4)")
+    test_split: str = setting("test", "VOC2007 test (paper §8.4)")
+    costs: tuple[float, ...] = setting((0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0), GOYAL)
+    positive_weight: float = setting(2.0, GOYAL + ": class_weight {1: 2, -1: 1}")
+    folds: int = setting(3, GOYAL + ": 3-fold cross-validation on average precision")
+    max_iter: int = setting(2000, GOYAL + ": LinearSVC max_iter")
+    tol: float = setting(1e-4, GOYAL + ": LinearSVC tol")
+    solver: str = setting("fast", "fast: Newton-CG on the same primal for all classes and folds at once, cost "
                                 "after cost, warm-started (tasks/svm_solver.py; agreement with sklearn: "
-                                "tasks/bench_svm.py); "
+                                "bench/svm.py); "
                                 "sklearn: LinearSVC (liblinear) one problem at a time, the reference")
-    fast_tol: float = param(1e-6, "numerical: the fast solver stops at |gradient| <= fast_tol |gradient at 0|; "
-                                  "the agreement with sklearn is measured by tasks/bench_svm.py")
-    resize: int = param(256, "torchvision's reference evaluation transform (resize 256, centre crop 224)")
-    crop: int = param(224, "torchvision's reference evaluation transform")
-    batch_size: int = param(128, "runtime setting of feature extraction; does not change the features")
-    workers: int = param(2, "runtime setting (data-loading processes); does not change results")
-    skip_bad_images: bool = param(False, "suite policy: an unreadable image stops the run unless this is set")
+    fast_tol: float = setting(1e-6, "numerical: the fast solver stops at |gradient| <= fast_tol |gradient at 0|; "
+                                  "the agreement with sklearn is measured by bench/svm.py")
+    resize: int = setting(256, "torchvision's reference evaluation transform (resize 256, centre crop 224)")
+    crop: int = setting(224, "torchvision's reference evaluation transform")
+    batch_size: int = setting(128, "runtime setting of feature extraction; does not change the features")
+    workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
+    skip_bad_images: bool = setting(False, "suite policy: an unreadable image stops the run unless this is set")
 
 
 DEMO = {"resize": 96, "crop": 96}  # the demo VOC images are 160 x 120
@@ -138,7 +139,7 @@ def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu"):
     return aps, chosen, [name for c, name in enumerate(classes) if c not in scores]
 
 
-def run(ctx, p: Voc07SvmProtocol):
+def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
     devkit = ctx.data_root / SUBDIRS["voc"]
     splits = {name: read_voc_classification(devkit, 2007, getattr(p, f"{name}_split")) for name in ("train", "test")}
     mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
@@ -156,4 +157,4 @@ def run(ctx, p: Voc07SvmProtocol):
         raise UserError("no VOC class has positives in both trainval and test")
     info = {"train_size": len(xtr), "test_size": len(xte), "ap_by_class": aps, "chosen_cost": chosen,
             "classes_without_positives": skipped, "transform": transform.describe()}
-    return {"voc07_svm_map": float(np.mean(list(aps.values())))}, info
+    return TaskOutput({"voc07_svm_map": float(np.mean(list(aps.values())))}, info, probe={"probe": "svm"})

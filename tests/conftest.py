@@ -9,6 +9,6 @@ os.environ.setdefault("SSL_SUITE_CACHE", tempfile.mkdtemp(prefix="ssl-suite-test
 
 @pytest.fixture(scope="session")
 def demo_root():
-    from tasks.datasets import ensure_demo
+    from datasets.catalog import ensure_demo
 
     return ensure_demo()

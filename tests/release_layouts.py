@@ -4,7 +4,7 @@ import pickle
 
 import torch
 
-from evaluate.formats import torchvision_to_detectron2_key
+from backbones.formats import torchvision_to_detectron2_key
 
 
 def _no_fc(sd):

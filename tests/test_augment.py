@@ -2,7 +2,7 @@
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain.augment import (ViewAugment, _blend, _blur, _gray, _shift_hue, augment_view, make_views,
+from datasets.views import (ViewAugment, _blend, _blur, _gray, _shift_hue, augment_view, make_views,
                               random_resized_boxes)
 
 

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from evaluate.checkpoints import infer_arch, load_checkpoint, make_encoder
-from evaluate.common import UserError
+from backbones.checkpoints import infer_arch, load_checkpoint, make_encoder
+from core.cli import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from evaluate.common import UserError
-from tasks.datasets import coco, imagenet, inat18, places205, stl10, voc
-from tasks.frozen import IN100_CLASSES, IN100_DEMO_CLASSES
+from core.cli import UserError
+from datasets import coco, imagenet, inat18, places205, stl10, voc
+from datasets.catalog import IN100_CLASSES, IN100_DEMO_CLASSES
 
 
 def test_imagenet_tree(demo_root):

@@ -41,7 +41,7 @@ def test_box_cleaning_clips_and_drops():
 def test_coco_metrics_of_the_ground_truth_itself(demo_root):
     from pycocotools import mask as mask_utils
 
-    from tasks.datasets.coco import annotation_mask, read_coco
+    from datasets.coco import annotation_mask, read_coco
 
     coco = read_coco(demo_root / "coco", "val")
     index = {c["id"]: i for i, c in enumerate(coco.categories)}
@@ -85,25 +85,13 @@ def test_resume_continues_from_the_saved_iteration(tmp_path, capsys, demo_root):
     assert "resumed" in capsys.readouterr().out
 
 
-def test_train_order_gives_each_process_its_share_of_every_global_batch():
-    from itertools import islice
-
-    from tasks.detection.tv_engine import TrainOrder
-
-    one = list(islice(TrainOrder(7, seed=3, flip=True, skip=4, batch=4), 12))
-    two = [list(islice(TrainOrder(7, seed=3, flip=True, skip=4, batch=4, rank=r, world=2), 6)) for r in (0, 1)]
-    for b in range(3):  # global batch b = rank 0's 2 draws, then rank 1's
-        assert one[4 * b:4 * b + 4] == two[0][2 * b:2 * b + 2] + two[1][2 * b:2 * b + 2]
-    assert sorted(i for i, _ in list(islice(TrainOrder(7, seed=3, flip=False), 7))) == list(range(7))
-
-
 def test_torchvision_engine_under_torchrun(tmp_path, demo_root):
     """2 processes over Gloo: each trains on its share of the batch, rank 0 alone scores and writes."""
     import os
     import subprocess
     import sys
 
-    from evaluate.common import REPO_ROOT
+    from core.files import REPO_ROOT
 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29519", str(REPO_ROOT / "evaluate" / "run.py"), "--ckpt", "random", "--arch", "resnet18",
@@ -139,8 +127,8 @@ def test_detectron2_loads_every_converted_weight(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from evaluate.checkpoints import build_backbone
-    from evaluate.formats import torchvision_to_detectron2_key
+    from backbones.checkpoints import build_backbone
+    from backbones.formats import torchvision_to_detectron2_key
     from tasks.detection import d2_engine
     from tasks.detection.protocol import VocDetProtocol
 

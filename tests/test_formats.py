@@ -7,10 +7,10 @@ import pytest
 import torch
 import torchvision
 
-from evaluate.checkpoints import load_checkpoint, make_encoder
-from evaluate.common import UserError
+from backbones.checkpoints import load_checkpoint, make_encoder
+from core.cli import UserError
 from evaluate.convert import cli as convert_cli
-from evaluate.formats import detectron2_to_torchvision_key, torchvision_to_detectron2_key
+from backbones.formats import detectron2_to_torchvision_key, torchvision_to_detectron2_key
 from evaluate.run import cli as run_cli
 from tests.release_layouts import EXPECTED_FORMAT, save
 

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from evaluate.run import cli
-from tasks import linear_sgd
-from tasks.linear_sgd import LinearSgdProtocol, learning_rate
+import core.resume
+from tasks.classifier_training import learning_rate
+from tasks.linear_sgd import LinearSgdProtocol
 
 
 def test_step_schedule_divides_by_ten_twice_at_thirds():
@@ -23,7 +24,7 @@ def metrics_of(out):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatch, demo_root):
     args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]
     assert cli(args + ["--out", str(tmp_path / "full")]) == 0
-    real, calls = linear_sgd.atomic_torch_save, {"n": 0}
+    real, calls = core.resume.atomic_torch_save, {"n": 0}
 
     def interrupted_after_first_epoch(obj, path):
         real(obj, path)
@@ -31,7 +32,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatc
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(linear_sgd, "atomic_torch_save", interrupted_after_first_epoch)
+    monkeypatch.setattr(core.resume, "atomic_torch_save", interrupted_after_first_epoch)
     assert cli(args + ["--out", str(tmp_path / "split")]) == 130
     assert not (tmp_path / "split" / "records").exists()
     assert cli(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
@@ -56,51 +57,12 @@ def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path
     assert semi["protocol"]["encoder_lr"]["value"] == 2.5e-4 and semi["protocol"]["nesterov"]["value"] is True
     # knn_in1k ran after the finetuning in the same process: it must match a run of its own, with an empty
     # feature cache (so that its features are extracted again from the checkpoint).
-    import evaluate.features
+    import backbones.features
 
-    monkeypatch.setattr(evaluate.features, "cache_dir", lambda: tmp_path / "fresh-cache")
+    monkeypatch.setattr(backbones.features, "cache_dir", lambda: tmp_path / "fresh-cache")
     assert cli(["--ckpt", str(ckpt), "--task", "knn_in1k", "--demo", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "fresh-cache" / "features").is_dir()
     assert metrics_of(tmp_path / "b") == recs["knn_in1k"]["metrics"]
-
-
-def test_epoch_batches_split_every_global_batch_across_processes():
-    import torch
-
-    from tasks.linear_sgd import EpochBatches
-
-    one = list(EpochBatches(23, 8, epoch=4, seed=1))
-    parts = [list(EpochBatches(23, 8, epoch=4, seed=1, rank=r, world=3)) for r in range(3)]
-    assert [len(b) for b in one] == [8, 8, 7]
-    for step, batch in enumerate(one):  # the processes' parts, in rank order, are the one-process batch
-        assert sum((p[step] for p in parts), []) == batch
-    assert sorted(i for b in one for _, i in b) == list(range(23)) and {e for b in one for e, _ in b} == {4}
-    assert list(EpochBatches(23, 8, epoch=5, seed=1)) != one  # a new order each epoch
-    assert [len(b) for b in EpochBatches(17, 8, epoch=0, seed=0, world=2)] == [4, 4]  # a 1-image batch is dropped
-    assert torch.equal(torch.tensor([i for b in one for _, i in b]),
-                       torch.tensor([i for b in EpochBatches(23, 8, epoch=4, seed=1) for _, i in b]))
-
-
-def test_augmentation_depends_on_seed_epoch_and_image_only():
-    import torch
-
-    from tasks.linear_sgd import SeededSamples
-
-    class Draw:
-        def __len__(self):
-            return 5
-
-        def __getitem__(self, i):
-            return torch.rand(3), i
-
-    s = SeededSamples(Draw(), seed=0)
-    a = s[(2, 3)][0]
-    torch.rand(100)  # the global generator's state does not matter ...
-    assert torch.equal(s[(2, 3)][0], a)
-    assert not torch.equal(s[(3, 3)][0], a) and not torch.equal(s[(2, 4)][0], a)  # ... epoch and image do
-    state = torch.get_rng_state()
-    s[(0, 0)]
-    assert torch.equal(torch.get_rng_state(), state)  # and the global generator is left as it was
 
 
 def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_root):
@@ -111,7 +73,7 @@ def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_r
 
     import torch
 
-    from evaluate.common import REPO_ROOT
+    from core.files import REPO_ROOT
 
     args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--set", "epochs=2"]
     assert cli(args + ["--out", str(tmp_path / "one")]) == 0
@@ -132,7 +94,7 @@ def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_r
 def test_torchrun_refuses_tasks_that_train_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli(["--ckpt", "random", "--task", "knn_in100,linear_places205", "--demo", "--out", str(tmp_path)]) == 2
-    assert "knn_in100 train nothing that torchrun could share" in capsys.readouterr().err
+    assert "knn_in100 cannot share its work over processes" in capsys.readouterr().err
 
 
 def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root):
@@ -145,7 +107,7 @@ def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root
         assert set(r["metrics"]) == {f"{prefix}_linear_top1", f"{prefix}_linear_top5"}
         assert 0 <= r["metrics"][f"{prefix}_linear_top1"] <= r["metrics"][f"{prefix}_linear_top5"] <= 100
         assert r["protocol"]["protocol"]["value"] == "sgd" and r["protocol"]["sgd_epochs"]["value"] == 1
-        assert r["data"]["sgd_protocol"]["schedule"]["value"] == "cosine"
+        assert r["protocol"]["sgd_schedule"]["value"] == "cosine"
         assert train_size is None or r["data"]["train_size"] == train_size
     # one epoch was trained and saved per task (the state file names the task and protocol)
     assert sorted(p.name.split("__")[0] for p in (out / "state").glob("*.pt")) == ["linear_in100_sgd",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluate.common import UserError
+from core.cli import UserError
 from pretrain import train as train_mod
 from pretrain.config import load_config
 from pretrain.model import ema_update, tau_schedule
@@ -88,7 +88,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, demo_root):
 
 
 def test_exported_backbone_evaluates_as_it_is(tmp_path, demo_root):
-    from evaluate.checkpoints import make_encoder
+    from backbones.checkpoints import make_encoder
 
     out = run_tiny(tmp_path, "export")
     model, info, arch = make_encoder(str(out / "backbone.pth"))
@@ -107,7 +107,7 @@ def test_exported_backbone_evaluates_as_it_is(tmp_path, demo_root):
 
 def test_resume_refuses_a_changed_config(tmp_path, demo_root):
     run_tiny(tmp_path, "r", ["stop_after_steps=1"])
-    with pytest.raises(UserError, match="differs from the stopped run's in lambda_b"):
+    with pytest.raises(UserError, match="config differs from this one in lambda_b"):
         run_tiny(tmp_path, "r", ["lambda_b=0.1"], resume=True)
 
 
@@ -140,6 +140,27 @@ def test_cli_exit_codes(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "bogus=1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'bogus'")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "demo", "head_norm=groupnorm"], "config head_norm='groupnorm' is not one of batchnorm, layernorm"),
+    (["--config", "demo", "device=gpu"], "config device='gpu' is not one of auto, cpu, cuda"),
+    (["--config", "demo", "amp=bf61"], "config amp='bf61' is not one of none, bf16, fp16"),
+    (["--config", "demo", "device=cuda", "max_steps=1"], "device=cuda, but no CUDA device is available"),
+    (["--config", "{orphan}"], "names base: no_such_config, but there is no"),
+])
+def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, args, message):
+    """Each mistake stops the run before any work: exit 2, one line on stderr, no traceback."""
+    if torch.cuda.is_available() and "device=cuda" in args:
+        pytest.skip("this machine has CUDA")
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("base: no_such_config\nviews: 2\n")
+    args = [str(orphan) if a == "{orphan}" else a for a in args]
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), *args, f"out_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and not (tmp_path / "run").exists()
 
 
 def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):

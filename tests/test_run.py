@@ -76,9 +76,9 @@ def test_saved_torchvision_checkpoint(capsys, tmp_path, r18_ckpt, demo_root):
 
 
 def test_features_are_cached(capsys, tmp_path, r18_ckpt, demo_root):
-    from evaluate.checkpoints import make_encoder
-    from evaluate.features import EvalTransform, extract_features
-    from tasks.datasets.stl10 import read_stl10
+    from backbones.checkpoints import make_encoder
+    from backbones.features import EvalTransform, extract_features
+    from datasets.stl10 import read_stl10
 
     model, info, arch = make_encoder(str(r18_ckpt))
     split = read_stl10(demo_root / "stl10" / "stl10_binary", "test")
@@ -98,7 +98,7 @@ def test_features_are_cached(capsys, tmp_path, r18_ckpt, demo_root):
     (["--ckpt", "random", "--task", "knn_everything", "--demo"], "unknown task 'knn_everything'"),
     (["--ckpt", "random", "--task", "voc_det", "--demo", "--set", "engine=mmdet"], "engine must be auto"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "kk=3"], "unknown --set key 'kk'; valid keys"),
-    (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=five"], "expected a value of type int"),
+    (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=five"], "--set k=five: expected int"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--set", "k=500"], "exceeds the 300 training images"),
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--device", "cuda"], "no CUDA device"),
     (["--task", "knn_stl10", "--demo"], "--ckpt"),

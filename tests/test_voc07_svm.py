@@ -77,7 +77,7 @@ def test_fast_solver_finds_liblinears_solution():
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_fast_solver_test_ap_matches_the_reference_svm_per_class_and_cost():
     """At the protocol's tolerances: the test AP of each class's SVM, per cost, within 0.2 points of LinearSVC."""
-    from tasks.bench_svm import voc_like_features
+    from bench.svm import voc_like_features
     from tasks.svm_solver import fit_linear_svms
 
     p = Voc07SvmProtocol()

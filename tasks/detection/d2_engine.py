@@ -3,7 +3,6 @@ checkpoint converted to Detectron2's names and loaded with its matching, Default
 periodic checkpoints, resume) and, with several GPUs, Detectron2's launcher. Only imported when
 Detectron2 is installed (README: Detection).
 """
-import pickle
 from pathlib import Path
 
 import torch
@@ -14,9 +13,9 @@ from detectron2.layers import get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils import comm
-from tqdm import tqdm
 
-from evaluate.formats import torchvision_to_detectron2_key
+from backbones.convert import write_backbone
+from core.progress import progress
 from tasks.detection.metrics import encode_masks
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -36,13 +35,7 @@ if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:
 
 def detectron2_weights(encoder, path):
     """The encoder's weights under Detectron2's names, in the .pkl form its checkpointer matches by suffix."""
-    state = {}
-    for key, value in encoder.state_dict().items():
-        name = torchvision_to_detectron2_key(key)
-        if name is not None:
-            state[name] = value.detach().cpu().numpy()
-    with open(path, "wb") as f:
-        pickle.dump({"model": state, "__author__": "ssl-suite", "matching_heuristics": True}, f)
+    write_backbone(encoder.state_dict(), path, "detectron2")
     return path
 
 
@@ -134,7 +127,7 @@ def predict(model, cfg, test):
     """Our prediction form (see metrics.py) from the model's Instances, in original image coordinates."""
     model.eval()
     out = {}
-    for inputs in tqdm(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), desc="inference", leave=False):
+    for inputs in progress(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), "inference"):
         for x, o in zip(inputs, model(inputs)):
             inst = o["instances"].to("cpu")
             pred = {"boxes": inst.pred_boxes.tensor.numpy(), "scores": inst.scores.numpy(),

@@ -10,12 +10,13 @@ false positives).
 from collections import Counter
 
 import numpy as np
-from PIL import Image
+import torch
 
-from evaluate.common import UserError
-from tasks.datasets import SUBDIRS
-from tasks.datasets.coco import read_coco
-from tasks.datasets.voc import VOC_CLASSES, read_voc
+from core.cli import UserError
+from datasets.catalog import SUBDIRS
+from datasets.coco import read_coco
+from datasets.decode import UNREADABLE, load_rgb
+from datasets.voc import VOC_CLASSES, read_voc
 
 
 def _clean(box, width, height, counts):
@@ -75,12 +76,13 @@ def for_training(records, counts):
     return kept
 
 
-def load_rgb(path):
+def load_image(path):
+    """An image file as a float tensor (3, H, W) in [0, 1]; an unreadable one stops the run with its path."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise UserError(f"cannot read image {path} ({e.__class__.__name__})")
+        img = load_rgb(None, path)
+    except UNREADABLE as e:
+        raise UserError(f"cannot read image {path} ({e.__class__.__name__})") from None
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
 
 
 def load_task_data(task, p, data_root):

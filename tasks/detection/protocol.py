@@ -2,7 +2,7 @@
 the paper follows (§8.4), with the paper's own values where it states them."""
 from dataclasses import dataclass
 
-from tasks.protocol import param
+from core.settings import setting
 
 MOCO = "MoCo's detection recipe (He et al. 2020, detection/configs), which the paper follows (§8.4)"
 D2 = "Detectron2's default config (defaults.py), which MoCo's recipe keeps"
@@ -10,56 +10,56 @@ D2 = "Detectron2's default config (defaults.py), which MoCo's recipe keeps"
 
 @dataclass(frozen=True)
 class DetectionProtocol:
-    engine: str = param("auto", "auto: Detectron2 when it imports, else torchvision (README: engine differences)")
-    arch: str = param("resnet50", "paper §8.4: ResNet-50 backbone")
-    ims_per_batch: int = param(16, MOCO + ": IMS_PER_BATCH 16")
-    momentum: float = param(0.9, D2 + ": SOLVER.MOMENTUM")
-    weight_decay: float = param(1e-4, D2 + ": SOLVER.WEIGHT_DECAY")
-    warmup_factor: float = param(0.001, D2 + ": SOLVER.WARMUP_FACTOR (linear warm-up)")
-    max_size: int = param(1333, D2 + ": INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST")
-    flip: bool = param(True, D2 + ": horizontal flip in training")
-    pixel_mean: tuple[float, ...] = param((123.675, 116.28, 103.53), MOCO + ": RGB input, torchvision's mean (0-255)")
-    pixel_std: tuple[float, ...] = param((58.395, 57.12, 57.375), MOCO + ": torchvision's std (0-255)")
-    precise_bn_iters: int = param(200, MOCO + ": TEST.PRECISE_BN.ENABLED; D2 NUM_ITER 200")
-    roi_batch_size_per_image: int = param(512, D2 + ": ROI_HEADS.BATCH_SIZE_PER_IMAGE")
-    checkpoint_period: int = param(5000, D2 + ": SOLVER.CHECKPOINT_PERIOD")
-    test_batch: int = param(1, "runtime setting of inference; does not change results")
-    workers: int = param(2, "runtime setting (data-loading processes); does not change results")
-    trials: int = param(1, "seeds run; MoCo reports VOC as the mean of 5 (--set trials=5), mean and std recorded")
+    engine: str = setting("auto", "auto: Detectron2 when it imports, else torchvision (README: engine differences)")
+    arch: str = setting("resnet50", "paper §8.4: ResNet-50 backbone")
+    ims_per_batch: int = setting(16, MOCO + ": IMS_PER_BATCH 16")
+    momentum: float = setting(0.9, D2 + ": SOLVER.MOMENTUM")
+    weight_decay: float = setting(1e-4, D2 + ": SOLVER.WEIGHT_DECAY")
+    warmup_factor: float = setting(0.001, D2 + ": SOLVER.WARMUP_FACTOR (linear warm-up)")
+    max_size: int = setting(1333, D2 + ": INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST")
+    flip: bool = setting(True, D2 + ": horizontal flip in training")
+    pixel_mean: tuple[float, ...] = setting((123.675, 116.28, 103.53), MOCO + ": RGB input, torchvision's mean (0-255)")
+    pixel_std: tuple[float, ...] = setting((58.395, 57.12, 57.375), MOCO + ": torchvision's std (0-255)")
+    precise_bn_iters: int = setting(200, MOCO + ": TEST.PRECISE_BN.ENABLED; D2 NUM_ITER 200")
+    roi_batch_size_per_image: int = setting(512, D2 + ": ROI_HEADS.BATCH_SIZE_PER_IMAGE")
+    checkpoint_period: int = setting(5000, D2 + ": SOLVER.CHECKPOINT_PERIOD")
+    test_batch: int = setting(1, "runtime setting of inference; does not change results")
+    workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
+    trials: int = setting(1, "seeds run; MoCo reports VOC as the mean of 5 (--set trials=5), mean and std recorded")
 
 
 @dataclass(frozen=True)
 class VocDetProtocol(DetectionProtocol):
-    train_sets: tuple[str, ...] = param(("2007/trainval", "2012/trainval"), "paper §8.4: VOC07+12 trainval")
-    test_set: str = param("2007/test", "paper §8.4: VOC2007 test")
-    base_lr: float = param(0.02, "paper §8.4: initial LR 0.02")
-    max_iter: int = param(24000, MOCO + ": pascal_voc_R_50_C4_24k")
-    steps: tuple[int, ...] = param((18000, 22000), MOCO + ": SOLVER.STEPS")
-    warmup_iters: int = param(100, MOCO + ": SOLVER.WARMUP_ITERS")
-    train_sizes: tuple[int, ...] = param(tuple(range(480, 801, 32)), MOCO + ": MIN_SIZE_TRAIN 480-800 step 32")
-    test_size: int = param(800, MOCO + ": MIN_SIZE_TEST")
-    pooler_resolution: int = param(14, "Base-RCNN-C4: ROI_BOX_HEAD.POOLER_RESOLUTION 14")
-    rpn_pre_nms_topk_train: int = param(12000, D2 + ": RPN.PRE_NMS_TOPK_TRAIN (C4)")
-    rpn_post_nms_topk_train: int = param(2000, D2 + ": RPN.POST_NMS_TOPK_TRAIN (C4)")
-    rpn_pre_nms_topk_test: int = param(6000, MOCO + ": RPN.PRE_NMS_TOPK_TEST 6000")
-    rpn_post_nms_topk_test: int = param(1000, MOCO + ": RPN.POST_NMS_TOPK_TEST 1000")
+    train_sets: tuple[str, ...] = setting(("2007/trainval", "2012/trainval"), "paper §8.4: VOC07+12 trainval")
+    test_set: str = setting("2007/test", "paper §8.4: VOC2007 test")
+    base_lr: float = setting(0.02, "paper §8.4: initial LR 0.02")
+    max_iter: int = setting(24000, MOCO + ": pascal_voc_R_50_C4_24k")
+    steps: tuple[int, ...] = setting((18000, 22000), MOCO + ": SOLVER.STEPS")
+    warmup_iters: int = setting(100, MOCO + ": SOLVER.WARMUP_ITERS")
+    train_sizes: tuple[int, ...] = setting(tuple(range(480, 801, 32)), MOCO + ": MIN_SIZE_TRAIN 480-800 step 32")
+    test_size: int = setting(800, MOCO + ": MIN_SIZE_TEST")
+    pooler_resolution: int = setting(14, "Base-RCNN-C4: ROI_BOX_HEAD.POOLER_RESOLUTION 14")
+    rpn_pre_nms_topk_train: int = setting(12000, D2 + ": RPN.PRE_NMS_TOPK_TRAIN (C4)")
+    rpn_post_nms_topk_train: int = setting(2000, D2 + ": RPN.POST_NMS_TOPK_TRAIN (C4)")
+    rpn_pre_nms_topk_test: int = setting(6000, MOCO + ": RPN.PRE_NMS_TOPK_TEST 6000")
+    rpn_post_nms_topk_test: int = setting(1000, MOCO + ": RPN.POST_NMS_TOPK_TEST 1000")
 
 
 @dataclass(frozen=True)
 class CocoInstsegProtocol(DetectionProtocol):
-    train_set: str = param("train", "paper §8.4: COCO train2017")
-    test_set: str = param("val", "paper §8.4: COCO val2017")
-    base_lr: float = param(0.05, "paper §9: LR 0.05")
-    max_iter: int = param(90000, "paper §9: 90k iterations")
-    steps: tuple[int, ...] = param((60000, 80000), "paper §9: divided by 10 at 60k and 80k")
-    warmup_iters: int = param(50, "paper §9: 50 warm-up iterations")
-    train_sizes: tuple[int, ...] = param(tuple(range(640, 801, 32)), MOCO + ": coco_R_50_FPN_1x MIN_SIZE_TRAIN 640-800")
-    test_size: int = param(800, D2 + ": MIN_SIZE_TEST 800")
-    pooler_resolution: int = param(7, "Base-RCNN-FPN: ROI_BOX_HEAD.POOLER_RESOLUTION 7 (mask head: 14)")
-    rpn_pre_nms_topk_train: int = param(2000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TRAIN (per level)")
-    rpn_post_nms_topk_train: int = param(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TRAIN")
-    rpn_pre_nms_topk_test: int = param(1000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TEST (per level)")
-    rpn_post_nms_topk_test: int = param(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TEST")
+    train_set: str = setting("train", "paper §8.4: COCO train2017")
+    test_set: str = setting("val", "paper §8.4: COCO val2017")
+    base_lr: float = setting(0.05, "paper §9: LR 0.05")
+    max_iter: int = setting(90000, "paper §9: 90k iterations")
+    steps: tuple[int, ...] = setting((60000, 80000), "paper §9: divided by 10 at 60k and 80k")
+    warmup_iters: int = setting(50, "paper §9: 50 warm-up iterations")
+    train_sizes: tuple[int, ...] = setting(tuple(range(640, 801, 32)), MOCO + ": coco_R_50_FPN_1x MIN_SIZE_TRAIN 640-800")
+    test_size: int = setting(800, D2 + ": MIN_SIZE_TEST 800")
+    pooler_resolution: int = setting(7, "Base-RCNN-FPN: ROI_BOX_HEAD.POOLER_RESOLUTION 7 (mask head: 14)")
+    rpn_pre_nms_topk_train: int = setting(2000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TRAIN (per level)")
+    rpn_post_nms_topk_train: int = setting(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TRAIN")
+    rpn_pre_nms_topk_test: int = setting(1000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TEST (per level)")
+    rpn_post_nms_topk_test: int = setting(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TEST")
 
 
 # Demo: the generated 160 x 120 VOC and 128 x 128 COCO shapes (1-4 objects each), any ResNet, and a

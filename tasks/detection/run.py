@@ -8,35 +8,17 @@ the mean and std of each metric (MoCo reports VOC as the mean of 5).
 """
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluate.common import UserError, atomic_torch_save
+from core.cli import UserError
+from core.resume import StateFile
+from tasks.context import NOTHING, TaskOutput
 from tasks.detection.data import load_task_data
 from tasks.detection.metrics import coco_metrics, coco_results, voc_detection_metrics
-from tasks.linear_sgd import state_path
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-
-class StateFile:
-    """The torchvision engine's resumable state: read only with --resume, written atomically."""
-
-    def __init__(self, path, resume, protocol):
-        self.path, self.resume, self.protocol = Path(path), resume, repr(protocol)
-
-    def load(self):
-        if not (self.resume and self.path.is_file()):
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["protocol"] != self.protocol:
-            raise UserError(f"--resume: {self.path} was written with another protocol; remove it or drop --resume")
-        return state
-
-    def save(self, state):
-        atomic_torch_save({**state, "protocol": self.protocol}, self.path)
 
 
 def resolve_engine(name):
@@ -69,16 +51,16 @@ def _trial(ctx, p, task, engine, train, test, classes, seed):
 
         torch.manual_seed(seed)
         model = tv_engine.build(task, ctx.model, len(classes), p)
-        state = StateFile(state_path(ctx, task, seed), ctx.resume, p)
+        state = StateFile(ctx.state_path(task, seed), ctx.resume, repr(p))
         model = tv_engine.train(model, train, p, task, ctx.device, seed, state, ctx.log, ctx.rank, ctx.world)
         return tv_engine.predict(model, test, p, ctx.device) if ctx.rank == 0 else None
     from tasks.detection import d2_engine
 
     return d2_engine.train_and_predict(ctx, p, task, train, test, classes, seed,
-                                       state_path(ctx, task, seed, suffix="__detectron2"))
+                                       ctx.state_path(task, seed, suffix="__detectron2"))
 
 
-def run(ctx, p, task_name):
+def run(ctx, p, task_name) -> TaskOutput:
     engine = resolve_engine(p.engine)
     if ctx.world > 1 and engine == "detectron2":
         raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
@@ -102,12 +84,13 @@ def run(ctx, p, task_name):
             artifacts[f"coco_results_seed{seed}.json"] = json.dumps(results)
         trials.append({"seed": seed, "metrics": metrics, **extra})
     if ctx.rank != 0:
-        return {}, {}
+        return NOTHING
     names = list(trials[0]["metrics"])
     mean = {k: float(np.mean([tr["metrics"][k] for tr in trials])) for k in names}
-    info = {"engine": engine, "processes": ctx.world, "train_images": len(train), "test_images": len(test),
-            "cleaning": dict(counts), "trials": trials, "artifacts": artifacts}
+    info = {"processes": ctx.world, "train_images": len(train), "test_images": len(test),
+            "cleaning": dict(counts), "trials": trials}
     if p.trials > 1:
         info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}
     prefix = "voc_det_" if task_name == "voc_det" else "coco_"
-    return {prefix + k: v for k, v in mean.items()}, info
+    return TaskOutput({prefix + k: v for k, v in mean.items()}, info, engine=engine, artifacts=artifacts,
+                      probe={"engine": engine, "max_iter": p.max_iter, "trials": p.trials})

@@ -22,11 +22,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from tqdm import tqdm
 
-from evaluate.common import UserError
-from tasks.datasets.coco import annotation_mask
-from tasks.detection.data import load_rgb
+from core.cli import UserError
+from core.progress import progress
+from core.sampling import SeededBatches, SeededSamples
+from datasets.coco import annotation_mask
+from tasks.detection.data import load_image
 from tasks.detection.metrics import encode_masks
 
 # Detectron2 defaults (config/defaults.py), as MoCo's configs keep them: RPN.BATCH_SIZE_PER_IMAGE,
@@ -95,25 +96,25 @@ def build(task, encoder, num_classes, p):
 # ---- data ---------------------------------------------------------------------------------------
 
 class Detections(torch.utils.data.Dataset):
-    """(image tensor in [0, 1], target) for (index, flip) pairs; masks only when `with_masks`."""
+    """(image tensor in [0, 1], target) per index, flipped at random (p = 0.5) when `flip`: under
+    `core.sampling.SeededSamples` the flip depends only on (seed, pass, image); masks when `with_masks`."""
 
-    def __init__(self, records, with_masks):
-        self.records, self.with_masks = records, with_masks
+    def __init__(self, records, with_masks, flip):
+        self.records, self.with_masks, self.flip = records, with_masks, flip
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, item):
-        index, flip = item
+    def __getitem__(self, index):
         r = self.records[index]
-        image = torch.from_numpy(load_rgb(r["file_name"]).copy()).permute(2, 0, 1).float() / 255
+        image = load_image(r["file_name"])
         anns = [a for a in r["annotations"] if not a["iscrowd"]]  # crowd regions never train (as Detectron2)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes, "labels": torch.tensor([a["category_id"] + 1 for a in anns], dtype=torch.int64)}
         if self.with_masks:
             target["masks"] = torch.from_numpy(np.stack([annotation_mask(a, r["height"], r["width"]) for a in anns])
                                                .astype(np.uint8)).reshape(-1, r["height"], r["width"])
-        if flip:
+        if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
             target["boxes"] = torch.stack([r["width"] - boxes[:, 2], boxes[:, 1], r["width"] - boxes[:, 0],
                                            boxes[:, 3]], 1)
@@ -122,36 +123,17 @@ class Detections(torch.utils.data.Dataset):
         return image, target
 
 
-class TrainOrder(torch.utils.data.Sampler):
-    """Endless (index, flip) draws: a fresh permutation per pass, flips at random; seeded, and able to start
-    after `skip` draws so that a resumed run sees the images the interrupted one would have seen. Every
-    process draws the same sequence and keeps its part of each global batch of `batch` draws."""
-
-    def __init__(self, n, seed, flip, skip=0, batch=1, rank=0, world=1):
-        self.n, self.seed, self.flip, self.skip = n, seed, flip, skip
-        self.batch, self.rank, self.world = batch, rank, world
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed)
-        drawn, share = 0, self.batch // self.world
-        mine = range(self.rank * share, (self.rank + 1) * share)
-        while True:
-            order, flips = torch.randperm(self.n, generator=g), torch.rand(self.n, generator=g) < 0.5
-            for i, f in zip(order.tolist(), flips.tolist()):
-                if drawn >= self.skip and drawn % self.batch in mine:
-                    yield i, bool(f and self.flip)
-                drawn += 1
-
-
 def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _loader(records, p, with_masks, seed, skip, rank=0, world=1):
-    """This process's share (ims_per_batch / world images) of each global batch."""
-    return torch.utils.data.DataLoader(Detections(records, with_masks), batch_size=p.ims_per_batch // world,
-                                       sampler=TrainOrder(len(records), seed, p.flip, skip, p.ims_per_batch, rank,
-                                                          world), collate_fn=_collate, num_workers=p.workers)
+def _loader(records, p, with_masks, seed, start, rank=0, world=1):
+    """This process's share (ims_per_batch / world images) of each global batch from iteration `start` on:
+    passes over the images in seeded orders (`core.sampling`), so a resumed run and a run on any number of
+    processes see the same global batches."""
+    sampler = SeededBatches(len(records), p.ims_per_batch, seed, start=start, rank=rank, world=world)
+    return torch.utils.data.DataLoader(SeededSamples(Detections(records, with_masks, p.flip), seed),
+                                       batch_sampler=sampler, collate_fn=_collate, num_workers=p.workers)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -165,7 +147,7 @@ def lr_factor(it, p):
     return decay
 
 
-def _optimizer(model, p):
+def optimizer(model, p):
     """SGD; norm parameters without weight decay (Detectron2's WEIGHT_DECAY_NORM 0)."""
     norm, other = [], []
     for module in model.modules():
@@ -186,7 +168,7 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
     if p.ims_per_batch % world:
         raise UserError(f"ims_per_batch {p.ims_per_batch} is not divisible by the {world} processes")
     model.to(device).train()
-    opt = _optimizer(model, p)
+    opt = optimizer(model, p)
     start = 0
     saved = state.load()
     if saved is not None:
@@ -201,9 +183,8 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, BN over the global batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device)] if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    batches = iter(_loader(records, p, task == "coco_instseg", seed, start * p.ims_per_batch, rank, world))
-    bar = tqdm(range(start, p.max_iter), desc=f"{task} train", leave=False, initial=start, total=p.max_iter,
-               disable=rank != 0)
+    batches = iter(_loader(records, p, task == "coco_instseg", seed, start, rank, world))
+    bar = progress(range(start, p.max_iter), f"{task} train", total=p.max_iter, initial=start, show=rank == 0)
     for it in bar:
         for group in opt.param_groups:
             group["lr"] = p.base_lr * lr_factor(it, p)
@@ -254,9 +235,9 @@ def predict(model, records, p, device):
     model.to(device).eval()
     model.transform.min_size = (p.test_size,)
     out = {}
-    for start in tqdm(range(0, len(records), p.test_batch), desc="inference", leave=False):
+    for start in progress(range(0, len(records), p.test_batch), f"inference ({len(records)} images)"):
         chunk = records[start:start + p.test_batch]
-        images = [torch.from_numpy(load_rgb(r["file_name"]).copy()).permute(2, 0, 1).float().div(255).to(device)
+        images = [load_image(r["file_name"]).to(device)
                   for r in chunk]
         for r, o in zip(chunk, model(images)):
             pred = {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),

@@ -1,13 +1,12 @@
-"""What every dataset reader returns, and the image loading shared by all of them."""
+"""What every dataset reader returns, and the small helpers all readers use."""
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from evaluate.common import UserError
+from core.cli import UserError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -51,28 +50,9 @@ class ClassificationSplit:
         return h.hexdigest()[:20]
 
     def torch_dataset(self, transform):
+        from datasets.decode import ImageSamples
+
         return ImageSamples(self, transform)
-
-
-class ImageSamples(torch.utils.data.Dataset):
-    """Yields (image tensor or None, index); None marks an image that could not be read."""
-
-    def __init__(self, split: ClassificationSplit, transform):
-        self.split, self.transform = split, transform
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, i):
-        try:
-            if self.split.paths is not None:
-                with Image.open(self.split.paths[i]) as im:
-                    img = im.convert("RGB")
-            else:
-                img = Image.fromarray(self.split.array[i])
-            return self.transform(img), i
-        except (OSError, ValueError, SyntaxError):
-            return None, i
 
 
 def list_images(folder: Path):

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """VOC07 SVM: the fast solver against the scikit-learn reference, side by side in one run.
 
-    python tasks/bench_svm.py                 # real size: 5,011 trainval x 2,048 features, 4,952 test, 20 classes
-    python tasks/bench_svm.py --classes 4     # the first 4 classes only (the reference takes long)
+    python bench/svm.py                 # real size: 5,011 trainval x 2,048 features, 4,952 test, 20 classes
+    python bench/svm.py --classes 4     # the first 4 classes only (the reference takes long)
 
 The features are synthetic, with VOC07's shape: the trainval/test sizes and per-class image counts
 of VOC2007, non-negative like pooled ReLU features, multi-label, L2-normalised. Both solvers run the
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tasks.datasets.voc import VOC_CLASSES  # noqa: E402
+from datasets.voc import VOC_CLASSES  # noqa: E402
 from tasks.voc07_svm import Voc07SvmProtocol, svm_protocol  # noqa: E402
 
 # VOC2007 trainval images per class (the dataset's published statistics), used as class frequencies

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Speed of the frozen-feature machinery, measured side by side in one run (ratios are the result).
 
-    python tasks/bench.py                   # both parts
-    python tasks/bench.py --only knn --bank 200000
+    python bench/frozen.py                   # both parts
+    python bench/frozen.py --only knn --bank 200000
 
 1. kNN search throughput (FAISS exhaustive inner product, float32 and float16 banks) against the
    machine's float32 matrix-multiply rate on the same sizes, and the peak memory of the search.
-2. Feature extraction images/s of `evaluate.features.extract_features` against a plain torchvision
+2. Feature extraction images/s of `backbones.features.extract_features` against a plain torchvision
    eval loop (same model, images, transform, batch size and workers).
 """
 import argparse
@@ -53,9 +53,10 @@ def bench_knn(n_bank, n_query, dim, k, chunk):
 def bench_extract(size, batch, workers):
     from torchvision import models
 
-    from evaluate.features import EvalTransform, extract_features
-    from tasks.datasets import ensure_demo
-    from tasks.datasets.imagenet import read_imagenet
+    from backbones.features import extract_features
+    from datasets.views import EvalTransform
+    from datasets.catalog import ensure_demo
+    from datasets.imagenet import read_imagenet
 
     split = read_imagenet(ensure_demo() / "imagenet", "train")
     transform = EvalTransform(size, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Detection engines side by side: training iterations/s and peak memory of each engine on each recipe.
 
-    python tasks/detection/bench.py                          # demo recipe, ResNet-50, both tasks
-    python tasks/detection/bench.py --recipe full --size 800 --iters 3   # the paper's RoI/proposal settings
+    python bench/detection.py                          # demo recipe, ResNet-50, both tasks
+    python bench/detection.py --recipe full --size 800 --iters 3   # the paper's RoI/proposal settings
 
 Every (task, engine) pair runs in its own process, so that peak memory is that pair's alone: on CUDA
 torch.cuda.max_memory_allocated, on CPU the process's peak resident set (ru_maxrss), with the resident
@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -29,7 +29,7 @@ import torchvision  # noqa: E402
 from tasks.detection import protocol as detection  # noqa: E402
 from tasks.detection import tv_engine  # noqa: E402
 from tasks.detection.run import resolve_engine  # noqa: E402
-from evaluate.common import UserError  # noqa: E402
+from core.cli import UserError  # noqa: E402
 
 TASKS = ("voc_det", "coco_instseg")
 NUM_CLASSES = {"voc_det": 20, "coco_instseg": 80}
@@ -62,7 +62,7 @@ def synthetic_batch(task, size, batch, seed=0):
 
 def torchvision_step(task, p, arch, batch, device):
     model = tv_engine.build(task, torchvision.models.get_model(arch), NUM_CLASSES[task], p).to(device).train()
-    opt = tv_engine._optimizer(model, p)
+    opt = tv_engine.optimizer(model, p)
     images = [im.div(255).to(device) for im, *_ in batch]
     targets = [{"boxes": b.to(device), "labels": (lab + 1).to(device), **({"masks": m.to(device)}
                 if task == "coco_instseg" else {})} for _, b, lab, m in batch]
@@ -85,7 +85,7 @@ def detectron2_step(task, p, arch, batch, device):
     cfg = d2_engine.make_config(task, p, arch, device, 0, tempfile.gettempdir(), "", "bench_train", "bench_test",
                                 NUM_CLASSES[task], world=1)  # no weights: random initialisation
     model = build_model(cfg).train()
-    opt = tv_engine._optimizer(model, p)  # the same SGD groups for both engines
+    opt = tv_engine.optimizer(model, p)  # the same SGD groups for both engines
     inputs = []
     for image, boxes, labels, masks in batch:
         inst = Instances(image.shape[1:], gt_boxes=Boxes(boxes), gt_classes=labels)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from evaluate.common import UserError
+from core.cli import UserError
 
 RESNET_KEY = re.compile(r"^(conv1\.|bn1\.|layer[1-4]\.\d+\.|fc\.)")
 

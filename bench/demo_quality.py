@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Demo-scale quality checks of pretraining, measured in one run (numbers go to README.md).
 
-    python pretrain/demo_quality.py [--out runs/demo_quality]
+    python bench/demo_quality.py [--out runs/demo_quality]
 
 1. MSBReg (`demo` config) against a random encoder on every demo kNN / linear task.
 2. Table 13 at demo scale: BYOL with LayerNorm heads (`demo_byol_ln`) against MSBReg with LayerNorm
@@ -36,7 +36,7 @@ def main(argv=None):
     results["random"] = evaluate("random", args.out / "eval-random", ["--arch", "resnet18"])
     for config in ("demo", "demo_byol_ln", "demo_k4_ln"):
         run = args.out / config
-        subprocess.run([sys.executable, str(HERE / "train.py"), "--config", config, f"out_dir={run}"], check=True)
+        subprocess.run([sys.executable, str(HERE.parent / "pretrain/train.py"), "--config", config, f"out_dir={run}"], check=True)
         last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
         stds[config] = (last["embedding_std"], last["effective_rank"])
         results[config] = evaluate(str(run / "backbone.pth"), args.out / f"eval-{config}")

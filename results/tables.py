@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluate.common import REPO_ROOT
+from core.files import REPO_ROOT
 
 PAPER_CSV = REPO_ROOT / "results" / "paper" / "paper_tables.csv"
 PAPER_ENGINE = {"voc_det": "detectron2", "coco_instseg": "detectron2"}  # what the paper's numbers used

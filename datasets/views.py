@@ -1,4 +1,5 @@
-"""Table 9's augmentations on batched uint8 tensors, so that they run on the accelerator.
+"""Views of images: Table 9's training augmentations on batched uint8 tensors (run on the accelerator), and
+the evaluation transform of the frozen-feature tasks.
 
 An image is decoded once (a uint8 tensor, `decode_size` square) and `make_views` draws K views of
 the whole batch from it. All randomness comes from one `torch.Generator`, so a step's views depend
@@ -10,10 +11,40 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
 from torchvision.ops import roi_align
+
+from core.cli import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the short side, centre-crop, normalise: the test-time transform of every frozen-feature task.
+
+    crop 0 keeps the resized image whole; resize given as (h, w) resizes to that exact size (VOC07 SVM)."""
+
+    resize: object
+    crop: int
+    mean: tuple
+    std: tuple
+    interpolation: str = "bilinear"
+
+    def build(self):
+        if self.interpolation not in INTERPOLATION:
+            raise UserError(f"interpolation must be one of {', '.join(INTERPOLATION)}, not {self.interpolation!r}")
+        steps = [T.Resize(self.resize, INTERPOLATION[self.interpolation])]
+        if self.crop:
+            steps.append(T.CenterCrop(self.crop))
+        return T.Compose(steps + [T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def describe(self) -> str:
+        size = "x".join(map(str, self.resize)) if isinstance(self.resize, tuple) else self.resize
+        return (f"resize{size}-{self.interpolation}-crop{self.crop}-mean{','.join(map(str, self.mean))}"
+                f"-std{','.join(map(str, self.std))}")
 
 
 @dataclass(frozen=True)

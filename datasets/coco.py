@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import require_dir, require_file, save_jpeg
+from core.cli import UserError
+from datasets import render
+from datasets.base import require_dir, require_file, save_jpeg
 
 LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import ClassificationSplit, require_dir, require_file
+from core.cli import UserError
+from datasets import render
+from datasets.base import ClassificationSplit, require_dir, require_file
 
 LAYOUT = "stl10_binary/{train,test,unlabeled}_X.bin, {train,test}_y.bin, class_names.txt"
 SIDE = 96

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
+from core.cli import UserError
+from datasets import render
+from datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
 
 IMAGES = Path("data/vision/torralba/deeplearning/images256")
 LISTS = Path("trainvalsplit_places205")

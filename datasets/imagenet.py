@@ -3,7 +3,7 @@
 Layout under the ImageNet root: `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG` (validation images
 sorted into class folders, as torchvision's and most SSL codebases' loaders expect). Class indices
 follow the sorted wnids, as torchvision's ImageFolder does. ImageNet-100 reads the synsets of a class
-list (CMC's `imagenet100.txt`, copied to `tasks/datasets/imagenet100_classes.txt`) from that tree.
+list (CMC's `imagenet100.txt`, copied to `datasets/imagenet100_classes.txt`) from that tree.
 SimCLR's subset files (`1percent.txt`, `10percent.txt`) hold one train file name per line
 (`n01440764_10026.JPEG`), found at `train/<wnid>/<name>`.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import ClassificationSplit, list_images, require_dir, require_file, save_jpeg
+from core.cli import UserError
+from datasets import render
+from datasets.base import ClassificationSplit, list_images, require_dir, require_file, save_jpeg
 
 LAYOUT = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
 

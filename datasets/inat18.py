@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
+from core.cli import UserError
+from datasets import render
+from datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
 
 LAYOUT = "train2018.json, val2018.json and train_val2018/<supercategory>/<category id>/*.jpg"
 

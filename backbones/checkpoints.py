@@ -7,7 +7,6 @@ dropped and the input normalisation the weights expect. Formats live in `FORMATS
 format is one more entry there.
 """
 import argparse
-import hashlib
 import io
 import pickle
 import re
@@ -17,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from evaluate.common import UserError
-from evaluate.formats import FORMAT_NAMES, FORMATS, RESNET_KEY
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from backbones.formats import FORMAT_NAMES, FORMATS
+from backbones.resnet import build_backbone, infer_arch, load_into, summarise_keys
+from core.cli import UserError
+from core.files import sha256_of
 
 
 @dataclass
@@ -43,6 +40,12 @@ class Checkpoint:
     @property
     def cache_id(self) -> str:
         return self.sha256 or self.path
+
+    def describe(self) -> dict:
+        """The record's `checkpoint` section."""
+        return {"path": self.path, "sha256": self.sha256, "format": self.format, "part": self.part,
+                "dropped": self.dropped, "input_normalization": self.input_normalization, "notes": self.notes,
+                "pretraining": self.pretraining}
 
 
 # Plain-data classes that some releases pickle beside their tensors (DINO saves its argparse
@@ -87,14 +90,6 @@ def _numpy_to_torch(obj):
 
 # ---- reading files ----------------------------------------------------------------------------
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_file(path: Path):
     """Load a checkpoint file without executing anything it contains."""
     if not path.is_file():
@@ -127,13 +122,6 @@ def read_file(path: Path):
         raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
 
 
-def _summarise_keys(obj, limit=5) -> str:
-    if isinstance(obj, dict):
-        keys = list(obj)[:limit]
-        return ", ".join(map(str, keys)) + (" ..." if len(obj) > limit else "")
-    return type(obj).__name__
-
-
 def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
     path = Path(path)
     obj = read_file(path)
@@ -147,7 +135,7 @@ def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
         matches = [f for f in FORMATS if f.auto and f.detect(obj)]
         if not matches:
             raise UserError(f"checkpoint {path} is not in a known ResNet format (top-level keys: "
-                            f"{_summarise_keys(obj)}); known formats: {', '.join(FORMAT_NAMES)}")
+                            f"{summarise_keys(obj)}); known formats: {', '.join(FORMAT_NAMES)}")
         if len(matches) > 1:
             raise UserError(f"checkpoint {path} could be any of the formats {', '.join(f.name for f in matches)}; "
                             "choose one with --ckpt-format")
@@ -179,70 +167,6 @@ def pretraining_settings(path: Path, obj) -> dict:
     keys = ("dataset", "arch", "views", "loss", "lambda_s", "lambda_b", "head_norm", "batch_size", "epochs",
             "max_steps", "svl_normalize")
     return {k: config.get(k) for k in keys}
-
-
-# ---- architectures ----------------------------------------------------------------------------
-
-TORCHVISION_RESNETS = {
-    # (block type, blocks per stage, width of layer1's first conv) -> torchvision name
-    ("basic", (2, 2, 2, 2), 64): "resnet18",
-    ("basic", (3, 4, 6, 3), 64): "resnet34",
-    ("bottleneck", (3, 4, 6, 3), 64): "resnet50",
-    ("bottleneck", (3, 4, 23, 3), 64): "resnet101",
-    ("bottleneck", (3, 8, 36, 3), 64): "resnet152",
-    ("bottleneck", (3, 4, 6, 3), 128): "wide_resnet50_2",
-    ("bottleneck", (3, 4, 23, 3), 128): "wide_resnet101_2",
-}
-
-
-def infer_arch(state_dict) -> str:
-    if not any(RESNET_KEY.match(k) for k in state_dict):
-        raise UserError(f"the checkpoint holds no ResNet weights (keys like {_summarise_keys(state_dict)}); "
-                        "this suite evaluates ResNet encoders")
-    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-    depth = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
-    width = state_dict["layer1.0.conv1.weight"].shape[0] if "layer1.0.conv1.weight" in state_dict else None
-    name = TORCHVISION_RESNETS.get((block, depth, width))
-    if name is None:
-        raise UserError(f"cannot tell the ResNet variant of this checkpoint ({block} blocks, {depth} per stage, "
-                        f"width {width}); pass --arch with its torchvision or timm name")
-    return name
-
-
-def build_backbone(arch: str) -> nn.Module:
-    """A ResNet without its classifier: forward() returns globally pooled last-stage features."""
-    import torchvision
-
-    if arch in torchvision.models.list_models(module=torchvision.models) and "resnet" in arch:
-        model = torchvision.models.get_model(arch, weights=None)
-        model.fc = nn.Identity()
-        return model
-    import timm
-
-    if arch not in timm.list_models() or not arch.split(".")[0].startswith(("resnet", "wide_resnet", "seresnet")):
-        raise UserError(f"unknown architecture {arch!r}: give a torchvision ResNet (resnet18, resnet50, ...) "
-                        "or a timm ResNet name")
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
-    return model
-
-
-def load_into(model: nn.Module, state_dict: dict, arch: str) -> None:
-    """Strict loading: every backbone weight must be present with its shape (BN step counters aside)."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''})")
-        if wrong:
-            parts.append(f"{len(wrong)} of the wrong shape ({'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
-        raise UserError(f"the checkpoint does not fit {arch}: {', '.join(parts)} keys; check --arch")
-    model.load_state_dict({k: state_dict.get(k, v) for k, v in expected.items()}, strict=True)
 
 
 def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.common import UserError
-from tasks.datasets import render
-from tasks.datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
+from core.cli import UserError
+from datasets import render
+from datasets.base import ClassificationSplit, require_dir, require_file, save_jpeg
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Pretraining speed, measured side by side in one run (ratios, not absolute times, are the result).
 
-    python pretrain/bench.py                       # demo scale (ResNet-18, 48 px) and ResNet-50 at 224 px
-    python pretrain/bench.py --only demo --steps 5
+    python bench/pretrain.py                       # demo scale (ResNet-18, 48 px) and ResNet-50 at 224 px
+    python bench/pretrain.py --only demo --steps 5
 
 1. Per-step time of a training step split into the online forward/backward of the K views, the
    target forward of the K views, and the rest (losses, optimiser, EMA update, glue), for K = 2, 4, 8.
@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from evaluate.features import collate_readable  # noqa: E402
+from datasets.decode import SquareImages, collate_readable  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.data import DecodedImages, pretrain_images  # noqa: E402
+from pretrain.data import pretrain_images  # noqa: E402
 from pretrain.model import Online, Target, ema_update, target_pairs  # noqa: E402
 from pretrain.optim import LARS, lars_param_groups  # noqa: E402
 from pretrain.train import loss_terms, view_augments  # noqa: E402
-from pretrain.augment import make_views  # noqa: E402
+from datasets.views import make_views  # noqa: E402
 
 SETTINGS = {
     "demo": dict(config="demo", overrides=[], batch=32),
@@ -73,7 +73,7 @@ def step_split(cfg, batch, steps):
 
 def pipeline_rate(cfg, k, batch, batches):
     """Images/s of decode (DataLoader, 0 workers) + K augmented views, and of the decode alone."""
-    data = DecodedImages(pretrain_images(cfg), cfg.decode_size)
+    data = SquareImages(pretrain_images(cfg), cfg.decode_size)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=0,
                                          collate_fn=collate_readable)
     cfg.views = k

@@ -1,0 +1,77 @@
+"""ResNet architectures: building a backbone by name, telling the variant from a state dict's shapes, and
+loading weights strictly."""
+import torch.nn as nn
+
+from backbones.formats import RESNET_KEY
+from core.cli import UserError
+
+
+def summarise_keys(obj, limit=5) -> str:
+    if not isinstance(obj, dict):
+        return type(obj).__name__
+    keys = list(obj)[:limit]
+    return ", ".join(map(str, keys)) + (" ..." if len(obj) > limit else "")
+
+
+TORCHVISION_RESNETS = {
+    # (block type, blocks per stage, width of layer1's first conv) -> torchvision name
+    ("basic", (2, 2, 2, 2), 64): "resnet18",
+    ("basic", (3, 4, 6, 3), 64): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 64): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), 64): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), 64): "resnet152",
+    ("bottleneck", (3, 4, 6, 3), 128): "wide_resnet50_2",
+    ("bottleneck", (3, 4, 23, 3), 128): "wide_resnet101_2",
+}
+
+
+def infer_arch(state_dict) -> str:
+    if not any(RESNET_KEY.match(k) for k in state_dict):
+        raise UserError(f"the checkpoint holds no ResNet weights (keys like {summarise_keys(state_dict)}); "
+                        "this suite evaluates ResNet encoders")
+    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
+    depth = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    width = state_dict["layer1.0.conv1.weight"].shape[0] if "layer1.0.conv1.weight" in state_dict else None
+    name = TORCHVISION_RESNETS.get((block, depth, width))
+    if name is None:
+        raise UserError(f"cannot tell the ResNet variant of this checkpoint ({block} blocks, {depth} per stage, "
+                        f"width {width}); pass --arch with its torchvision or timm name")
+    return name
+
+
+def build_backbone(arch: str) -> nn.Module:
+    """A ResNet without its classifier: forward() returns globally pooled last-stage features."""
+    import torchvision
+
+    if arch in torchvision.models.list_models(module=torchvision.models) and "resnet" in arch:
+        model = torchvision.models.get_model(arch, weights=None)
+        model.fc = nn.Identity()
+        return model
+    import timm
+
+    if arch not in timm.list_models() or not arch.split(".")[0].startswith(("resnet", "wide_resnet", "seresnet")):
+        raise UserError(f"unknown architecture {arch!r}: give a torchvision ResNet (resnet18, resnet50, ...) "
+                        "or a timm ResNet name")
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    return model
+
+
+def load_into(model: nn.Module, state_dict: dict, arch: str) -> None:
+    """Strict loading: every backbone weight must be present with its shape (BN step counters aside)."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''})")
+        if wrong:
+            parts.append(f"{len(wrong)} of the wrong shape ({'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
+        raise UserError(f"the checkpoint does not fit {arch}: {', '.join(parts)} keys; check --arch")
+    model.load_state_dict({k: state_dict.get(k, v) for k, v in expected.items()}, strict=True)
+
+

@@ -1,0 +1,52 @@
+"""Semi-supervised ImageNet (paper §8.2): a classifier trained on SimCLR's 1% subset on the frozen encoder,
+and encoder and classifier finetuned on the 10% subset; scored on the full validation set."""
+from dataclasses import dataclass
+
+from core.settings import setting
+from datasets.catalog import SUBDIRS
+from datasets.imagenet import read_simclr_subset
+from tasks.classifier_training import SCHEDULES, train_and_score
+from tasks.context import TaskOutput
+from tasks.frozen import FrozenFeatureProtocol, input_normalization, read_splits
+
+SEMISUP = "paper §8.2: SGD with Nesterov momentum 0.9, batch 1024"
+SIMCLR_B5 = ("not stated by the paper; SimCLR's semi-supervised protocol, whose 1%/10% lists the paper uses "
+             "(Chen et al. 2020, App. B.5): 60 epochs for 1%, 30 for 10%, no weight decay, no warm-up")
+SIMCLR_SCHEDULE = ("not stated by the paper; SimCLR's fine-tuning (App. B.5: no warm-up) runs its one LR schedule, "
+                   "cosine decay per step (google-research/simclr, tf2/run.py WarmUpAndCosineDecay)")
+
+
+@dataclass(frozen=True)
+class SemisupProtocol(FrozenFeatureProtocol):
+    """The 1% task's values by default; the 10% task overrides epochs, lr and encoder_lr."""
+
+    num_classes: int = setting(1000, "ImageNet")
+    metric_prefix: str = setting("semisup1", "metric names of results/paper/paper_tables.csv (semisup1_top1)")
+    train_subset: str = setting("1percent.txt", "SimCLR's subset lists: 1percent.txt (12,811 images), "
+                                                "10percent.txt (128,116)")
+    epochs: int = setting(60, SIMCLR_B5)
+    lr: float = setting(2.0, "paper §8.2: classifier LR 2.0 (1%), 0.25 (10%)")
+    encoder_lr: float = setting(0.0, "paper §8.2: encoder frozen (1%), encoder LR 2.5e-4 (10%)")
+    momentum: float = setting(0.9, SEMISUP)
+    nesterov: bool = setting(True, SEMISUP)
+    weight_decay: float = setting(0.0, SIMCLR_B5)
+    train_batch_size: int = setting(1024, SEMISUP)
+    schedule: str = setting("cosine", SIMCLR_SCHEDULE, choices=SCHEDULES)
+    train_crop_scale_min: float = setting(0.08, "torchvision's RandomResizedCrop default (scale 0.08-1), as SimCLR's "
+                                                "fine-tuning crop")
+    init_std: float = setting(0.01, "MoCo's linear classification: weights N(0, 0.01), bias 0")
+    head_batchnorm: bool = setting(False, "SimCLR fine-tunes a plain linear head")
+    head_batchnorm_eps: float = setting(1e-6, "unused without head_batchnorm")
+
+
+def run(ctx, p: SemisupProtocol, task_name="semisup") -> TaskOutput:
+    splits = read_splits(ctx, p)
+    subset = ctx.data_root / SUBDIRS["imagenet_subsets"] / p.train_subset
+    train = read_simclr_subset(ctx.data_root / SUBDIRS["imagenet"], subset, num_classes=p.num_classes)
+    info = {"train_subset": p.train_subset}
+    mean, std = input_normalization(ctx, p, info)
+    acc, extra = train_and_score(ctx, p, train, splits["test"], mean, std, task_name)
+    if acc is None:
+        return TaskOutput({})
+    return TaskOutput({f"{p.metric_prefix}_top1": acc[1], f"{p.metric_prefix}_top5": acc[5]}, {**info, **extra},
+                      probe={"probe": "finetune" if p.encoder_lr > 0 else "sgd", "epochs": p.epochs})
