@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from backbones.formats import FORMAT_NAMES, FORMATS
-from backbones.resnet import build_backbone, infer_arch, load_into, summarise_keys
+from backbones.resnet import build_backbone, infer_arch, infer_stem, load_into, summarise_keys
 from core.cli import UserError
 from core.files import sha256_of
 
@@ -36,6 +36,8 @@ class Checkpoint:
     input_normalization: tuple = None  # (mean, std) the weights expect, when the format says so
     notes: dict = field(default_factory=dict)
     pretraining: dict = None  # this suite's pretraining settings, when the checkpoint carries them
+    stem: str = "torchvision"  # backbones.resnet.STEMS
+    maxpool: bool = True
 
     @property
     def cache_id(self) -> str:
@@ -45,7 +47,7 @@ class Checkpoint:
         """The record's `checkpoint` section."""
         return {"path": self.path, "sha256": self.sha256, "format": self.format, "part": self.part,
                 "dropped": self.dropped, "input_normalization": self.input_normalization, "notes": self.notes,
-                "pretraining": self.pretraining}
+                "pretraining": self.pretraining, "stem": self.stem, "maxpool": self.maxpool}
 
 
 # Plain-data classes that some releases pickle beside their tensors (DINO saves its argparse
@@ -182,6 +184,7 @@ def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None):
     else:
         info = load_checkpoint(ckpt_arg, format_name, part)
         arch = arch or infer_arch(info.state_dict)
-        model = build_backbone(arch)
+        info.stem = infer_stem(info.state_dict)
+        model = build_backbone(arch, info.stem, info.maxpool)
         load_into(model, info.state_dict, arch)
     return model.eval(), info, arch

@@ -39,14 +39,44 @@ def infer_arch(state_dict) -> str:
     return name
 
 
-def build_backbone(arch: str) -> nn.Module:
-    """A ResNet without its classifier: forward() returns globally pooled last-stage features."""
+STEMS = ("torchvision", "3x3")
+
+
+def small_image_stem(model: nn.Module, maxpool: bool = True, padding: int = 1) -> nn.Module:
+    """conv1 replaced by a 3x3 stride-1 convolution without bias, as the ResNets of W-MSE (`get_model`: every
+    dataset but ImageNet; max-pool kept for STL-10, removed for CIFAR) and solo-learn's CIFAR models
+    (padding 2, max-pool removed)."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=padding, bias=False)
+    if not maxpool:
+        model.maxpool = nn.Identity()
+    return model
+
+
+def infer_stem(state_dict) -> str:
+    """'3x3' when conv1 is a 3x3 convolution (a small-image ResNet), else 'torchvision' (7x7, or timm's deep stem,
+    whose architecture name says it)."""
+    w = state_dict.get("conv1.weight")
+    return "3x3" if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) == (3, 3) else "torchvision"
+
+
+def build_backbone(arch: str, stem: str = "torchvision", maxpool: bool = True, stem_padding: int = 1) -> nn.Module:
+    """A ResNet without its classifier: forward() returns globally pooled last-stage features.
+
+    stem '3x3' (torchvision ResNets only): the small-image stem of `small_image_stem`."""
     import torchvision
 
+    if stem not in STEMS:
+        raise UserError(f"stem must be one of {', '.join(STEMS)}, not {stem!r}")
     if arch in torchvision.models.list_models(module=torchvision.models) and "resnet" in arch:
         model = torchvision.models.get_model(arch, weights=None)
         model.fc = nn.Identity()
+        if stem == "3x3":
+            small_image_stem(model, maxpool, stem_padding)
+        elif not maxpool:
+            model.maxpool = nn.Identity()
         return model
+    if stem != "torchvision" or not maxpool:
+        raise UserError(f"stem {stem!r} without max-pool applies to torchvision ResNets, not {arch!r}")
     import timm
 
     if arch not in timm.list_models() or not arch.split(".")[0].startswith(("resnet", "wide_resnet", "seresnet")):

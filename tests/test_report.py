@@ -115,3 +115,20 @@ def test_alignment_and_uniformity_against_loops():
     pairs = [math.exp(-2 * float(((x[i] - x[j]) ** 2).sum())) for i in range(12) for j in range(i + 1, 12)]
     assert alignment(x, y) == pytest.approx(align, rel=1e-6)
     assert uniformity(x) == pytest.approx(math.log(sum(pairs) / len(pairs)), rel=1e-6)
+
+
+def test_records_of_every_version_read_with_their_version(tmp_path):
+    from core.cli import UserError
+    from results.record import RECORD_VERSION, read_record, read_records
+
+    old = tmp_path / "records" / "knn_stl10" / "r18__20260101-000000.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"task": "knn_stl10", "metrics": {}, "checkpoint": {}}))  # version 1: no field
+    assert read_record(old)["record_version"] == 1
+    future = old.with_name("r18__20260101-000001.json")
+    future.write_text(json.dumps({"record_version": RECORD_VERSION + 1, "task": "x", "metrics": {}, "checkpoint": {}}))
+    with pytest.raises(UserError, match=f"version {RECORD_VERSION + 1}, newer than"):
+        read_record(future)
+    skipped = []
+    assert [p.name for p, _ in read_records(tmp_path, warn=skipped.append)] == [old.name]
+    assert len(skipped) == 1 and "newer than" in skipped[0]
