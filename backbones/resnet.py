@@ -105,3 +105,22 @@ def load_into(model: nn.Module, state_dict: dict, arch: str) -> None:
     model.load_state_dict({k: state_dict.get(k, v) for k, v in expected.items()}, strict=True)
 
 
+
+
+class PooledTrunk(nn.Module):
+    """The last stage's feature map average-pooled with a fixed window and flattened: Goyal et al.'s res5
+    features (AvgPool2d(6, stride 1) on a 224 px input: 2 x 2 x 2048 = 8,192 values for a ResNet-50)."""
+
+    def __init__(self, backbone: nn.Module, kernel: int, stride: int):
+        super().__init__()
+        self.backbone, self.kernel, self.stride = backbone, kernel, stride
+
+    def trunk(self, x):
+        m = self.backbone
+        if hasattr(m, "forward_features"):  # timm
+            return m.forward_features(x)
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(self.trunk(x), self.kernel, self.stride).flatten(1)

@@ -129,12 +129,22 @@ def check_choices(settings, what: str = "setting") -> None:
                             f"{', '.join(map(str, choices))}")
 
 
-def as_record(settings, defaults) -> dict:
-    """{key: {value, source}}; a value changed from `defaults` (the published protocol) says so."""
+def with_preset(settings, presets: dict, name: str, what: str = "setting"):
+    """The published protocol called `name`: `presets[name]` ({key: (value, source)}) over `settings`, with its
+    `protocol` field set to `name`. A task's presets are the protocols of the sources it can be measured by."""
+    if name not in presets:
+        raise UserError(f"{what} protocol={name!r} is not one of {', '.join(presets)}")
+    return with_overrides(settings, {"protocol": name, **{k: v for k, (v, _) in presets[name].items()}}, what)
+
+
+def as_record(settings, defaults, presets=None) -> dict:
+    """{key: {value, source}}; the source of a value set by the active preset is the preset's; a value changed
+    from `defaults` (the published protocol) says so."""
+    chosen = (presets or {}).get(getattr(settings, "protocol", None), {})
     out = {}
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
-        src = f.metadata.get("source", "")
+        src = chosen[f.name][1] if f.name in chosen else f.metadata.get("source", "")
         if value != getattr(defaults, f.name):
             src = f"overridden (published protocol: {getattr(defaults, f.name)!r}; {src})"
         out[f.name] = {"value": list(value) if isinstance(value, tuple) else value, "source": src}

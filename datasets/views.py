@@ -23,28 +23,31 @@ INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.Interpol
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize the short side, centre-crop, normalise: the test-time transform of every frozen-feature task.
+    """Resize the short side to `resize`, then either centre-crop `crop` or resize to a `square` x `square` image
+    (aspect ratio not kept: Goyal et al.'s and VISSL's VOC07 transform), normalise: the test-time transform of
+    every frozen-feature task."""
 
-    crop 0 keeps the resized image whole; resize given as (h, w) resizes to that exact size (VOC07 SVM)."""
-
-    resize: object
+    resize: int
     crop: int
     mean: tuple
     std: tuple
     interpolation: str = "bilinear"
+    square: int = 0
 
     def build(self):
         if self.interpolation not in INTERPOLATION:
             raise UserError(f"interpolation must be one of {', '.join(INTERPOLATION)}, not {self.interpolation!r}")
-        steps = [T.Resize(self.resize, INTERPOLATION[self.interpolation])]
+        mode = INTERPOLATION[self.interpolation]
+        steps = [T.Resize(self.resize, mode)]
+        if self.square:
+            steps.append(T.Resize((self.square, self.square), mode))
         if self.crop:
             steps.append(T.CenterCrop(self.crop))
         return T.Compose(steps + [T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def describe(self) -> str:
-        size = "x".join(map(str, self.resize)) if isinstance(self.resize, tuple) else self.resize
-        return (f"resize{size}-{self.interpolation}-crop{self.crop}-mean{','.join(map(str, self.mean))}"
-                f"-std{','.join(map(str, self.std))}")
+        return (f"resize{self.resize}-{self.interpolation}" + (f"-square{self.square}" if self.square else "")
+                + f"-crop{self.crop}-mean{','.join(map(str, self.mean))}-std{','.join(map(str, self.std))}")
 
 
 @dataclass(frozen=True)

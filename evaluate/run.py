@@ -98,12 +98,16 @@ def resolve_device(requested, world=1):
 def resolve_protocols(tasks, overrides, demo):
     """Each task's protocol with --demo's and --set's values, resolved before any work so that a bad value
     stops the run at once."""
-    from core.settings import keys, with_overrides
+    from core.settings import keys, with_overrides, with_preset
 
     out = []
     for t in tasks:
-        p = with_overrides(t.protocol, t.demo, "demo") if demo else t.protocol
-        out.append(with_overrides(p, {k: v for k, v in overrides.items() if k in keys(p)}, "--set"))
+        mine = {k: v for k, v in overrides.items() if k in keys(t.protocol)}
+        published = t.protocol
+        if t.presets and "protocol" in mine:  # another source's protocol: its values are the published ones
+            published = with_preset(t.protocol, t.presets, mine.pop("protocol"), "--set")
+        p = with_overrides(published, t.demo, "demo") if demo else published
+        out.append((with_overrides(p, mine, "--set"), published))
     return out
 
 
@@ -141,7 +145,8 @@ def main(argv=None) -> int:
         raise UserError(f"--data-root {args.data_root} is not a directory")
     else:
         data_root = args.data_root.resolve()
-    protocols = resolve_protocols(tasks, overrides, args.demo)
+    resolved = resolve_protocols(tasks, overrides, args.demo)
+    protocols = [p for p, _ in resolved]
     if world > 1:
         alone = [t.name for t, p in zip(tasks, protocols) if not t.distributed(p)]
         if alone:
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
                      rank, world)
     command = "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    for t, p in zip(tasks, protocols):
+    for t, (p, published) in zip(tasks, resolved):
         say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
         started = time.time()
         out = t.run(ctx, p)
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
         record = records.build_record(
             task=t.name, demo=args.demo, metrics=out.metrics, engine=out.engine, probe=out.probe,
             data={"dataset": getattr(p, "dataset", None), "root": str(data_root), **out.info},
-            protocol=as_record(p, t.protocol), checkpoint=checkpoint.describe(), arch=arch, seed=args.seed,
+            protocol=as_record(p, published, t.presets), checkpoint=checkpoint.describe(), arch=arch, seed=args.seed,
             device=device, command=command, started=started)
         path = records.write_record(args.out, record, out.artifacts)
         for name, value in out.metrics.items():

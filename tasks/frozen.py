@@ -11,8 +11,10 @@ from datasets.catalog import IN100_CLASSES, IN100_DEMO_CLASSES, read_classificat
 from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 TRANSFORM_SOURCE = ("ImageNet: resize 256 / centre crop 224, bilinear, ImageNet mean/std (torchvision's reference "
-                    "evaluation, used by BYOL and MoCo); STL-10: resize 70 / centre crop 64, bicubic, STL-10 "
-                    "mean/std (W-MSE's STL-10 test transform; the paper's Table 1 follows W-MSE's STL-10 setting)")
+                    "evaluation; NPID's kNN test transform, lemniscate.pytorch main.py; W-MSE reads ImageNet-100 "
+                    "pre-resized the same way, htdt/self-supervised README); STL-10: resize 70 / centre crop 64, "
+                    "bicubic, STL-10 mean/std (W-MSE's test_transform, datasets/stl10.py; the paper's Table 1 "
+                    "follows W-MSE's STL-10 setting)")
 
 # The values of `FrozenFeatureProtocol` that depend on the dataset; sources in the field metadata below.
 DATASET_PRESETS = {
@@ -52,6 +54,8 @@ class FrozenFeatureProtocol:
     batch_size: int = setting(128, "runtime setting of feature extraction; does not change the features")
     workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
     skip_bad_images: bool = setting(False, "suite policy: an unreadable image stops the run unless this is set")
+    save_features: bool = setting(False, "suite option: write the features the classifier saw beside the record "
+                                         "(<record>.features.npz: train_x, train_y, test_x, test_y)")
 
 
 def read_splits(ctx, p: FrozenFeatureProtocol, check=None):
@@ -76,7 +80,8 @@ def input_normalization(ctx, p: FrozenFeatureProtocol, info: dict):
 
 
 def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
-    """Read both splits, check them before any extraction, return their features."""
+    """Read both splits, check them before any extraction, return their features. Under torchrun every
+    process extracts its shard and rank 0 alone gets the features (the others get None, None, info)."""
     splits = read_splits(ctx, p, check)
     out, info = {}, {"feature_cache": {}}
     mean, std = input_normalization(ctx, p, info)
@@ -85,11 +90,26 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
     for name, data in splits.items():
         feats, labels, extra = extract_features(
             ctx.model, ctx.checkpoint.cache_id, ctx.arch, data, transform, device=ctx.device,
-            batch_size=p.batch_size, num_workers=p.workers, skip_bad_images=p.skip_bad_images, log=ctx.log)
+            batch_size=p.batch_size, num_workers=p.workers, skip_bad_images=p.skip_bad_images, log=ctx.log,
+            rank=ctx.rank, world=ctx.world)
         out[name] = (feats, labels)
-        info[f"{name}_size"] = len(labels)
         info["feature_cache"][name] = extra["cache"]
+        if feats is None:
+            continue
+        info[f"{name}_size"] = len(labels)
         if extra["skipped_images"]:
             info[f"{name}_skipped_images"] = extra["skipped_images"]
+    if ctx.rank != 0:
+        return None, None, info
     info["feature_dim"] = out["train"][0].shape[1]
+    info["processes"] = ctx.world
     return out["train"], out["test"], info
+
+
+def features_artifact(train_x, train_y, test_x, test_y):
+    """The `features.npz` artifact (written beside the record): the features and labels the classifier saw."""
+    def write(path):
+        with open(path, "wb") as f:
+            np.savez(f, train_x=np.asarray(train_x), train_y=np.asarray(train_y), test_x=np.asarray(test_x),
+                     test_y=np.asarray(test_y))
+    return {"features.npz": write}

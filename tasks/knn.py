@@ -1,7 +1,10 @@
-"""k-nearest-neighbour classification on frozen features (paper §8.3, following NPID / LA).
+"""k-nearest-neighbour classification on frozen features, by two published protocols.
 
-Cosine similarity on L2-normalised pooled features, exact search with FAISS (GPU index when CUDA
-is there), each of the k neighbours voting exp(sim / T) for its class.
+- `npid` (paper §8.3, Table 4; NPID / LA): cosine similarity on L2-normalised pooled features, exact
+  search, each of the k neighbours voting exp(sim / T) for its class.
+- `wmse` (Table 1, whose ResNet-18 rows are W-MSE's numbers; htdt/self-supervised eval/knn.py): Euclidean
+  distance on the unnormalised pooled features, a plain majority vote of the k = 5 nearest, ties to the
+  smallest class index (`unique(return_counts)` then `argmax` there); top-1 only, as W-MSE reports.
 """
 from dataclasses import dataclass
 
@@ -13,12 +16,20 @@ import torch.nn.functional as F
 from core.cli import UserError
 from core.settings import setting
 from tasks.context import TaskOutput
-from tasks.frozen import FrozenFeatureProtocol, train_test_features
+from tasks.frozen import FrozenFeatureProtocol, features_artifact, train_test_features
 from tasks.metrics import topk_accuracy, weighted_knn_scores
+
+
+WMSE_KNN = "W-MSE's kNN (htdt/self-supervised eval/knn.py eval_knn; k = cfg.knn, default 5)"
+PROTOCOLS = ("npid", "wmse")
+# The published protocols a kNN task can be switched to with --set protocol=NAME: {name: {key: (value, source)}}.
+PRESETS = {"npid": {}, "wmse": {"k": ((5,), WMSE_KNN)}}
 
 
 @dataclass(frozen=True)
 class KnnProtocol(FrozenFeatureProtocol):
+    protocol: str = setting("npid", "npid: weighted cosine kNN (paper §8.3, Table 4); wmse: W-MSE's Euclidean "
+                                    "majority vote (Table 1)", choices=PROTOCOLS)
     k: tuple[int, ...] = setting((5, 20, 200), "paper §8.3: 20/200-NN on ImageNet, 5-NN on ImageNet-100 and STL-10; "
                                               "all three reported together")
     temperature: float = setting(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
@@ -56,6 +67,18 @@ def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4
     return {k: weighted_knn_scores(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature) for k in ks}
 
 
+def majority_vote_knn(train_x, train_y, test_x, k: int, num_classes: int, chunk: int = 4096) -> torch.Tensor:
+    """W-MSE's kNN: the labels predicted by a majority vote of the k nearest training rows in Euclidean distance
+    (torch.cdist), ties to the smallest class index."""
+    preds = []
+    for start in range(0, len(test_x), chunk):
+        d = torch.cdist(test_x[start:start + chunk].double(), train_x.double())
+        labels = train_y[d.topk(k, dim=1, largest=False).indices]
+        votes = torch.zeros(len(labels), num_classes, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+        preds.append(votes.argmax(1))  # the first of equal counts: the smallest class index
+    return torch.cat(preds)
+
+
 def run(ctx, p: KnnProtocol) -> TaskOutput:
     def check(splits):
         too_big = [k for k in p.k if k > len(splits["train"])]
@@ -64,11 +87,21 @@ def run(ctx, p: KnnProtocol) -> TaskOutput:
                             "lower it with --set k=...")
 
     (xtr, ytr), (xte, yte), info = train_test_features(ctx, p, check)
-    scores = knn_classify(xtr, ytr, xte, p.k, p.temperature, p.num_classes, p.query_chunk,
-                          use_gpu=ctx.device.startswith("cuda"), bank_dtype=p.bank_dtype)
+    if ctx.rank != 0:
+        return TaskOutput({})
     metrics = {}
-    for k, s in scores.items():
-        acc = topk_accuracy(s, yte, (1, 5))
-        metrics[f"{p.metric_prefix}_knn{k}_top1"] = acc[1]
-        metrics[f"{p.metric_prefix}_knn{k}_top5"] = acc[5]
-    return TaskOutput(metrics, info, probe={"probe": "knn"})
+    if p.protocol == "wmse":
+        for k in p.k:
+            pred = majority_vote_knn(xtr, ytr, xte, k, p.num_classes, p.query_chunk)
+            metrics[f"{p.metric_prefix}_knn{k}_top1"] = 100.0 * (pred == yte).double().mean().item()
+        info["distance"] = "euclidean, unnormalised features, majority vote"
+    else:
+        scores = knn_classify(xtr, ytr, xte, p.k, p.temperature, p.num_classes, p.query_chunk,
+                              use_gpu=ctx.device.startswith("cuda"), bank_dtype=p.bank_dtype)
+        for k, s in scores.items():
+            acc = topk_accuracy(s, yte, (1, 5))
+            metrics[f"{p.metric_prefix}_knn{k}_top1"] = acc[1]
+            metrics[f"{p.metric_prefix}_knn{k}_top5"] = acc[5]
+        info["distance"] = f"cosine, L2-normalised features, votes exp(sim / {p.temperature})"
+    artifacts = features_artifact(xtr, ytr, xte, yte) if p.save_features else {}
+    return TaskOutput(metrics, info, artifacts=artifacts, probe={"probe": f"knn:{p.protocol}"})

@@ -18,7 +18,8 @@ class Task:
     protocol: object = None  # the published protocol (a dataclass instance); None: not implemented yet
     demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
     run: Optional[Callable] = None  # run(ctx, protocol) -> tasks.context.TaskOutput
-    distributed: Callable = lambda protocol: False  # whether torchrun can share the task's training
+    distributed: Callable = lambda protocol: True  # whether the task runs under torchrun
+    presets: dict = field(default_factory=dict)  # published protocols for --set protocol=NAME: {name: {key: (value, source)}}
 
     @property
     def implemented(self) -> bool:
@@ -26,29 +27,32 @@ class Task:
 
 
 def _knn(name, ds, needs, demo_extra=None):
-    return Task(name, "weighted kNN (k = 5, 20, 200) top-1/top-5 of frozen features", needs, "paper §8.3; NPID kNN",
-                knn.KnnProtocol(**DATASET_PRESETS[ds]), {**DEMO_PRESETS[ds], **(demo_extra or {})}, knn.run)
+    return Task(name, "kNN top-1/top-5 of frozen features (npid: weighted cosine, k = 5, 20, 200; wmse: Euclidean "
+                "majority vote, k = 5)", needs, "paper §8.3, NPID; Table 1: W-MSE's eval/knn.py",
+                knn.KnnProtocol(**DATASET_PRESETS[ds]), {**DEMO_PRESETS[ds], **(demo_extra or {})}, knn.run,
+                presets=knn.PRESETS)
 
 
 def _linear(name, ds, needs):
     return Task(name, "linear classifier on frozen features, top-1/top-5", needs,
-                "paper §8.1; fast protocol: CLIP-style L-BFGS probe", linear.LinearProtocol(**DATASET_PRESETS[ds]),
-                {**DEMO_PRESETS[ds], **linear.DEMO_SGD}, linear.run, lambda p: p.protocol == "sgd")
+                "paper §8.1; fast: CLIP-style L-BFGS; sgd: BYOL's; wmse: W-MSE's (Table 1)",
+                linear.LinearProtocol(**DATASET_PRESETS[ds]), {**DEMO_PRESETS[ds], **linear.DEMO}, linear.run)
 
 
 def _sgd(name, ds, needs, epochs):
     # Demo: 3 epochs at batch 32 on the small demo trees (the schedule's steps fall after epochs 1 and 2).
-    return Task(name, "linear classifier trained with SGD on a frozen encoder, top-1/top-5", needs, "paper §8.4",
+    return Task(name, "linear classifier trained with SGD on a frozen encoder, top-1/top-5", needs,
+                "paper §8.4 (paper); Barlow Twins App. C.1 (barlowtwins)",
                 linear_sgd.LinearSgdProtocol(**DATASET_PRESETS[ds], epochs=epochs),
                 {**DEMO_PRESETS[ds], "epochs": 3, "train_batch_size": 32}, partial(linear_sgd.run, task_name=name),
-                lambda p: True)
+                presets=linear_sgd.presets(ds))
 
 
 def _semisup(name, measures, subset, protocol):
     # Demo: 5 epochs at batch 32 on the demo subsets (24 and 72 images of the 12-class demo tree).
     return Task(name, measures, f"imagenet/, imagenet_subsets/{subset}", "paper §8.2; SimCLR App. B.5", protocol,
                 {**DEMO_PRESETS["imagenet"], "epochs": 5, "train_batch_size": 32},
-                partial(semisup.run, task_name=name), lambda p: True)
+                partial(semisup.run, task_name=name))
 
 
 TASKS = {t.name: t for t in [
@@ -70,11 +74,11 @@ TASKS = {t.name: t for t in [
     _sgd("linear_inat18", "inat18", "inat2018/", epochs=84),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
          "paper §8.4; MoCo's detection recipe", detection.VocDetProtocol(), detection.VOC_DEMO,
-         partial(detection_run.run, task_name="voc_det"), lambda p: True),
+         partial(detection_run.run, task_name="voc_det")),
     Task("align_uniform", "alignment and uniformity of features of two augmented views (Table 12)",
          "imagenet/ (the 100 CMC synsets)", "Wang & Isola 2020; paper Table 12",
-         align_uniform.AlignUniformProtocol(), align_uniform.DEMO, align_uniform.run),
+         align_uniform.AlignUniformProtocol(), align_uniform.DEMO, align_uniform.run, lambda p: False),
     Task("coco_instseg", "Mask R-CNN R50-FPN finetuning, box and mask AP on val2017", "coco/",
          "paper §8.4, §9", detection.CocoInstsegProtocol(), detection.COCO_DEMO,
-         partial(detection_run.run, task_name="coco_instseg"), lambda p: True),
+         partial(detection_run.run, task_name="coco_instseg")),
 ]}

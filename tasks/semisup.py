@@ -49,4 +49,4 @@ def run(ctx, p: SemisupProtocol, task_name="semisup") -> TaskOutput:
     if acc is None:
         return TaskOutput({})
     return TaskOutput({f"{p.metric_prefix}_top1": acc[1], f"{p.metric_prefix}_top5": acc[5]}, {**info, **extra},
-                      probe={"probe": "finetune" if p.encoder_lr > 0 else "sgd", "epochs": p.epochs})
+                      probe={"probe": "semisup:simclr", "epochs": p.epochs})

@@ -1,9 +1,11 @@
 """VOC07 linear SVM on frozen features (paper §8.4; the protocol of Goyal et al. 2019, as in VISSL).
 
-VOC2007 trainval -> test; pooled last-stage features, L2-normalised; one linear SVM per class
-(squared hinge, L2), cost chosen per class by 3-fold cross-validation on average precision among
-the listed costs, then refitted on all of trainval; positive class weight 2. `difficult`-only images
-are negatives in training and ignored at test; mAP is the mean of the per-class VOC APs.
+VOC2007 trainval -> test; images resized to 256 on the short side, then to 224 x 224 (no crop); the
+last stage's output average-pooled with AvgPool2d(6, stride 1) and flattened (8,192 values for a
+ResNet-50), L2-normalised; one linear SVM per class (squared hinge, L2), cost chosen per class by
+3-fold cross-validation on average precision among the listed costs (ties to the first), then refitted
+on all of trainval; positive class weight 2. `difficult`-only images are negatives in training and
+ignored at test; mAP is the mean of the per-class all-point APs.
 """
 import warnings
 from dataclasses import dataclass
@@ -17,25 +19,32 @@ from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
 from backbones.features import extract_features
+from backbones.resnet import PooledTrunk
 from core.cli import UserError
 from core.settings import setting
 from datasets.catalog import SUBDIRS
 from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from datasets.voc import read_voc_classification
 from tasks.context import TaskOutput
+from tasks.frozen import features_artifact
 from tasks.metrics import voc_ap
 from tasks.svm_solver import fit_linear_svms
 
-GOYAL = "Goyal et al. 2019 (fair_self_supervision_benchmark), VISSL's voc07 SVM"
+GOYAL = ("Goyal et al. 2019 (fair_self_supervision_benchmark tools/svm/train_svm_kfold.py) and VISSL "
+         "(vissl/utils/svm_utils/svm_trainer.py; configs/config/benchmark/linear_image_classification/voc07/"
+         "eval_resnet_8gpu_transfer_voc07_svm.yaml)")
 
 
 @dataclass(frozen=True)
 class Voc07SvmProtocol:
     train_split: str = setting("trainval", "VOC2007 trainval (paper §8.4)")
     test_split: str = setting("test", "VOC2007 test (paper §8.4)")
-    costs: tuple[float, ...] = setting((0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0), GOYAL)
+    costs: tuple[float, ...] = setting((0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0),
+                                       GOYAL + ": VISSL's costs_list (Goyal et al.'s code takes the list as an "
+                                               "argument and fixes none for ResNet-50)")
     positive_weight: float = setting(2.0, GOYAL + ": class_weight {1: 2, -1: 1}")
-    folds: int = setting(3, GOYAL + ": 3-fold cross-validation on average precision")
+    folds: int = setting(3, GOYAL + ": cross_val_score(cv=3, scoring='average_precision'), unshuffled "
+                                    "StratifiedKFold; the cost of the best mean fold AP, ties to the first listed")
     max_iter: int = setting(2000, GOYAL + ": LinearSVC max_iter")
     tol: float = setting(1e-4, GOYAL + ": LinearSVC tol")
     solver: str = setting("fast", "fast: Newton-CG on the same primal for all classes and folds at once, cost "
@@ -44,14 +53,21 @@ class Voc07SvmProtocol:
                                 "sklearn: LinearSVC (liblinear) one problem at a time, the reference")
     fast_tol: float = setting(1e-6, "numerical: the fast solver stops at |gradient| <= fast_tol |gradient at 0|; "
                                   "the agreement with sklearn is measured by bench/svm.py")
-    resize: int = setting(256, "torchvision's reference evaluation transform (resize 256, centre crop 224)")
-    crop: int = setting(224, "torchvision's reference evaluation transform")
+    resize: int = setting(256, GOYAL + ": Resize(256) on the short side (Goyal: scale 256)")
+    square: int = setting(224, GOYAL + ": then Resize([224, 224]) without crop (Goyal: global_resize 224)")
+    feature: str = setting("res5", GOYAL + ": res5: the last stage average-pooled by AvgPool2d(6, stride 1) and "
+                                   "flattened (8,192-d for a ResNet-50); pool: the global average pool (2,048-d, "
+                                   "VISSL's optional res5avg)", choices=("res5", "pool"))
+    pool_kernel: int = setting(6, GOYAL + ": res5 AvgPool2d([6, 6], 1, 0)")
+    pool_stride: int = setting(1, GOYAL + ": res5 AvgPool2d([6, 6], 1, 0)")
     batch_size: int = setting(128, "runtime setting of feature extraction; does not change the features")
     workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
     skip_bad_images: bool = setting(False, "suite policy: an unreadable image stops the run unless this is set")
+    save_features: bool = setting(False, "suite option: write the features the SVMs saw beside the record "
+                                         "(<record>.features.npz; train_y / test_y hold VOC's 1 / 0 / -1 targets)")
 
 
-DEMO = {"resize": 96, "crop": 96}  # the demo VOC images are 160 x 120
+DEMO = {}  # the demo VOC images (160 x 120) go through the real transform and feature layer
 
 
 def _svm(cost, p):
@@ -143,18 +159,28 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
     devkit = ctx.data_root / SUBDIRS["voc"]
     splits = {name: read_voc_classification(devkit, 2007, getattr(p, f"{name}_split")) for name in ("train", "test")}
     mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
-    transform = EvalTransform(p.resize, p.crop, tuple(mean), tuple(std))
+    transform = EvalTransform(p.resize, 0, tuple(mean), tuple(std), square=p.square)
+    model, layer = ctx.model, "pool"
+    if p.feature == "res5":
+        model, layer = PooledTrunk(ctx.model, p.pool_kernel, p.pool_stride), f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
     feats = {}
     for name, data in splits.items():
-        x, _, extra = extract_features(ctx.model, ctx.checkpoint.cache_id, ctx.arch, data, transform,
+        x, _, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, data, transform,
                                        device=ctx.device, batch_size=p.batch_size, num_workers=p.workers,
-                                       skip_bad_images=p.skip_bad_images, log=ctx.log)
-        feats[name] = (F.normalize(x, dim=1).numpy().astype(np.float64),
-                       data.notes["targets"][extra["index"].numpy()])
+                                       skip_bad_images=p.skip_bad_images, log=ctx.log, rank=ctx.rank,
+                                       world=ctx.world, layer=layer)
+        if x is not None:
+            feats[name] = (F.normalize(x, dim=1).numpy().astype(np.float64),
+                           data.notes["targets"][extra["index"].numpy()])
+    if ctx.rank != 0:
+        return TaskOutput({})
     (xtr, ttr), (xte, tte) = feats["train"], feats["test"]
     aps, chosen, skipped = svm_protocol(xtr, ttr, xte, tte, splits["train"].classes, p, ctx.device)
     if not aps:
         raise UserError("no VOC class has positives in both trainval and test")
-    info = {"train_size": len(xtr), "test_size": len(xte), "ap_by_class": aps, "chosen_cost": chosen,
-            "classes_without_positives": skipped, "transform": transform.describe()}
-    return TaskOutput({"voc07_svm_map": float(np.mean(list(aps.values())))}, info, probe={"probe": "svm"})
+    info = {"train_size": len(xtr), "test_size": len(xte), "feature_dim": xtr.shape[1], "feature_layer": layer,
+            "ap_by_class": aps, "chosen_cost": chosen, "classes_without_positives": skipped,
+            "transform": transform.describe(), "processes": ctx.world}
+    artifacts = features_artifact(xtr, ttr, xte, tte) if p.save_features else {}
+    return TaskOutput({"voc07_svm_map": float(np.mean(list(aps.values())))}, info, artifacts=artifacts,
+                      probe={"probe": "svm:goyal", "feature": layer})

@@ -38,8 +38,11 @@ def test_voc07_svm_demo_record_and_solver_agreement(tmp_path, capsys, demo_root)
     maps = {}
     for solver in ("sklearn", "fast"):
         out = tmp_path / solver
+        # Costs up to 10: on 60 demo images of random features the large costs win the cross-validation, and there
+        # liblinear (max_iter 2000) stops short of the optimum the fast solver reaches; the agreement is about the
+        # optimum (bench/svm.py measures it on VOC-sized data with every cost).
         code = cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(out),
-                    "--set", f"solver={solver}"])
+                    "--set", f"solver={solver}", "--set", "costs=0.01,0.1,1,2,5,10"])
         assert code == 0, capsys.readouterr().err
         rec = json.loads(next((out / "records").rglob("*.json")).read_text())
         maps[solver] = rec["metrics"]["voc07_svm_map"]
@@ -48,7 +51,32 @@ def test_voc07_svm_demo_record_and_solver_agreement(tmp_path, capsys, demo_root)
     aps = rec["data"]["ap_by_class"]
     assert len(aps) + len(rec["data"]["classes_without_positives"]) == 20
     assert rec["metrics"]["voc07_svm_map"] == pytest.approx(np.mean(list(aps.values())))
-    assert set(rec["data"]["chosen_cost"].values()) <= set(Voc07SvmProtocol().costs)
+    assert set(rec["data"]["chosen_cost"].values()) <= {0.01, 0.1, 1, 2, 5, 10}
+
+
+def test_goyal_features_are_res5_average_pooled_6x6_stride_1(tmp_path, demo_root):
+    """224 x 224 input -> 7 x 7 res5 map -> AvgPool2d(6, stride 1) -> 2 x 2 x C values, as Goyal et al. / VISSL."""
+    import torch
+    import torchvision
+
+    from backbones.resnet import PooledTrunk, build_backbone
+
+    torch.manual_seed(0)
+    r50 = build_backbone("resnet50").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = PooledTrunk(r50, 6, 1)(x)
+        tv = torchvision.models.resnet50()
+        tv.load_state_dict({**r50.state_dict(), **{k: v for k, v in tv.state_dict().items() if k.startswith("fc.")}})
+        tv.eval()
+        body = torch.nn.Sequential(*list(tv.children())[:-2])  # conv1 ... layer4
+        reference = torch.nn.AvgPool2d(6, stride=1)(body(x)).flatten(1)
+    assert ours.shape == (2, 8192)
+    torch.testing.assert_close(ours, reference)
+    out = tmp_path / "res5"
+    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(out)]) == 0
+    rec = json.loads(next((out / "records").rglob("*.json")).read_text())
+    assert rec["data"]["feature_dim"] == 2048 and rec["data"]["transform"].startswith("resize256-bilinear-square224")
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
