@@ -41,10 +41,9 @@ def _extract(model, dataset, indices, device, batch_size, num_workers, skip_bad_
                                          pin_memory=device.type == "cuda")
     chunks, kept, bad = [], [], []
     for images, index, bad_index in progress(loader, desc, unit="batch", show=show):
-        if bad_index and not skip_bad_images:
-            raise unreadable_error(split, indices[bad_index[0]],
-                                   "fix or remove it, or pass --set skip_bad_images=true")
-        bad += [indices[i] for i in bad_index]
+        if bad_index and not skip_bad_images:  # the dataset yields each image's index in the whole split
+            raise unreadable_error(split, bad_index[0], "fix or remove it, or pass --set skip_bad_images=true")
+        bad += bad_index
         if images is None:
             continue
         images = images.to(device, non_blocking=True)
@@ -53,7 +52,7 @@ def _extract(model, dataset, indices, device, batch_size, num_workers, skip_bad_
         with torch.inference_mode(), encoder_autocast(device):
             out = model(images)
         chunks.append(out.float().flatten(1).cpu())
-        kept.append(torch.as_tensor(indices)[index])
+        kept.append(index)
     features = torch.cat(chunks) if chunks else None  # outside inference mode: a tensor autograd may read
     return features, (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)), bad
 

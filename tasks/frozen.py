@@ -81,7 +81,7 @@ def input_normalization(ctx, p: FrozenFeatureProtocol, info: dict):
 
 def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
     """Read both splits, check them before any extraction, return their features. Under torchrun every
-    process extracts its shard and rank 0 alone gets the features (the others get None, None, info)."""
+    process extracts its shard and rank 0 alone gets the features (the others get (None, None) pairs)."""
     splits = read_splits(ctx, p, check)
     out, info = {}, {"feature_cache": {}}
     mean, std = input_normalization(ctx, p, info)
@@ -100,7 +100,7 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
         if extra["skipped_images"]:
             info[f"{name}_skipped_images"] = extra["skipped_images"]
     if ctx.rank != 0:
-        return None, None, info
+        return (None, None), (None, None), info
     info["feature_dim"] = out["train"][0].shape[1]
     info["processes"] = ctx.world
     return out["train"], out["test"], info

@@ -1,5 +1,6 @@
 """SGD linear probes: the paper's step schedule, and an interrupted run resumed to the same result."""
 import json
+import math
 
 import pytest
 
@@ -91,10 +92,10 @@ def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_r
     assert record["metrics"] == metrics_of(tmp_path / "one")
 
 
-def test_torchrun_refuses_tasks_that_train_nothing(tmp_path, capsys, monkeypatch):
+def test_torchrun_refuses_tasks_that_cannot_share_their_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli(["--ckpt", "random", "--task", "knn_in100,linear_places205", "--demo", "--out", str(tmp_path)]) == 2
-    assert "knn_in100 cannot share its work over processes" in capsys.readouterr().err
+    assert cli(["--ckpt", "random", "--task", "align_uniform,linear_places205", "--demo", "--out", str(tmp_path)]) == 2
+    assert "align_uniform cannot share its work over processes" in capsys.readouterr().err
 
 
 def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root):
@@ -112,3 +113,17 @@ def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root
     # one epoch was trained and saved per task (the state file names the task and protocol)
     assert sorted(p.name.split("__")[0] for p in (out / "state").glob("*.pt")) == ["linear_in100_sgd",
                                                                                    "linear_stl10_sgd"]
+
+
+def test_places205_probe_on_a_random_resnet50_does_not_diverge_and_presets_carry_sources(tmp_path, demo_root):
+    out = tmp_path / "bt"
+    assert cli(["--ckpt", "random", "--arch", "resnet50", "--task", "linear_places205", "--demo",
+                "--set", "protocol=barlowtwins", "--out", str(out)]) == 0
+    rec = json.loads(next((out / "records").rglob("*.json")).read_text())
+    history = rec["data"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(math.isfinite(h["train_loss"]) for h in history)
+    assert history[-1]["train_loss"] < 2 * history[0]["train_loss"] < 20  # a random ResNet-50's raw features diverged
+    assert rec["probe"] == {"probe": "sgd:barlowtwins", "epochs": 3}
+    assert rec["protocol"]["lr"]["value"] == 0.01 and rec["protocol"]["lr"]["source"].startswith("Barlow Twins")
+    assert rec["protocol"]["weight_decay"]["value"] == 5e-4 and rec["protocol"]["nesterov"]["value"] is True
+    assert rec["protocol"]["head_batchnorm"]["value"] is True

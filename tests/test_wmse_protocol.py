@@ -1,0 +1,123 @@
+"""Table 1's protocol against W-MSE's own pipeline (htdt/self-supervised): torchvision's STL10 reader on the
+official binary files, W-MSE's test transform, its encoder stem, its kNN rule and its linear probe."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision import transforms as T
+
+from evaluate.run import cli
+
+
+def wmse_encoder(seed=0):
+    """W-MSE's get_model for STL-10: torchvision's ResNet-18, conv1 3x3 stride 1 without bias, max-pool kept."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.fc = torch.nn.Identity()
+    return model.eval()
+
+
+class STL10Files(torchvision.datasets.STL10):
+    """torchvision's reader; the demo files are not the release's, so their checksums are not checked."""
+
+    def _check_integrity(self):
+        return True
+
+
+def wmse_features(model, root, split):
+    test_transform = T.Compose([T.Resize(70, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64),
+                                T.ToTensor(), T.Normalize((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))])
+    data = STL10Files(str(root), split=split, transform=test_transform, download=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=50, shuffle=False)
+    xs, ys = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            xs.append(model(x))
+            ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def wmse_eval_knn(x_train, y_train, x_test, y_test, k=5):
+    """W-MSE's eval/knn.py, written out: Euclidean distance, majority vote by unique counts and argmax."""
+    d = torch.cdist(x_test, x_train)
+    labels = y_train[torch.topk(d, k=k, dim=1, largest=False).indices]
+    pred = torch.empty_like(y_test)
+    for i in range(len(labels)):
+        values, counts = labels[i].unique(return_counts=True)
+        pred[i] = values[counts.argmax()]
+    return (pred == y_test).float().mean().item()
+
+
+def test_knn_stl10_wmse_gives_wmse_pipelines_features_and_accuracy(tmp_path, demo_root):
+    model = wmse_encoder()
+    ckpt = tmp_path / "wmse_r18.pth"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "out"
+    assert cli(["--ckpt", str(ckpt), "--task", "knn_stl10", "--demo", "--set", "protocol=wmse",
+                "--set", "save_features=true", "--out", str(out)]) == 0
+    path = next((out / "records").rglob("*.json"))
+    rec = json.loads(path.read_text())
+    assert rec["checkpoint"]["stem"] == "3x3" and rec["probe"]["probe"] == "knn:wmse"
+    assert rec["protocol"]["k"]["value"] == [5] and "eval/knn.py" in rec["protocol"]["k"]["source"]
+    saved = np.load(path.with_name(path.stem + ".features.npz"))
+
+    x_train, y_train = wmse_features(model, demo_root / "stl10", "train")
+    x_test, y_test = wmse_features(model, demo_root / "stl10", "test")
+    np.testing.assert_allclose(saved["train_x"], x_train.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(saved["test_x"], x_test.numpy(), rtol=1e-4, atol=1e-5)
+    assert (saved["train_y"] == y_train.numpy()).all() and (saved["test_y"] == y_test.numpy()).all()
+    expected = 100 * wmse_eval_knn(x_train, y_train, x_test, y_test)
+    assert rec["metrics"] == {"stl10_knn5_top1": pytest.approx(expected)}
+
+
+def test_majority_vote_ties_go_to_the_smallest_label():
+    from tasks.knn import majority_vote_knn
+
+    train = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    labels = torch.tensor([3, 1, 3, 1, 0])
+    # the 4 nearest of 1.5: two of class 1 and two of class 3 -> class 1 (W-MSE: unique() sorts, argmax takes the first)
+    assert majority_vote_knn(train, labels, torch.tensor([[1.5]]), 4, 4).tolist() == [1]
+    assert wmse_eval_knn(train, labels, torch.tensor([[1.5]]), torch.tensor([1]), k=4) == 1.0
+
+
+def test_linear_wmse_is_wmse_eval_sgd_on_the_same_features(tmp_path, demo_root):
+    """The probe of protocol=wmse against W-MSE's eval_sgd loop written out (Adam, ExponentialLR per epoch)."""
+    from tasks.linear import LinearProtocol, train_linear_wmse
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(120, 16, generator=g), torch.randint(0, 4, (120,), generator=g)
+    p = LinearProtocol(num_classes=4, wmse_batch_size=40, wmse_epochs=20)
+    clf, history, used = train_linear_wmse(x, y, 4, p, seed=5)
+    assert used == 120 and len(history) == 20
+    assert history[-1]["lr"] == pytest.approx(1e-2 * (1e-6 / 1e-2) ** (19 / 20))
+
+    # eval_sgd, with the same initialisation and the same batches
+    torch.manual_seed(5)
+    ref = torch.nn.Linear(16, 4)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=5e-6)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, (1e-6 / 1e-2) ** (1 / 20))
+    g = torch.Generator().manual_seed(5)
+    keep = torch.randperm(120, generator=g)[:120]
+    xk, yk = x[keep], y[keep]
+    for _ in range(20):
+        for batch in torch.randperm(120, generator=g).view(-1, 40):
+            loss = torch.nn.functional.cross_entropy(ref(xk[batch]), yk[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        scheduler.step()
+    torch.testing.assert_close(clf.weight, ref.weight)
+    torch.testing.assert_close(clf.bias, ref.bias)
+
+
+def test_linear_stl10_wmse_end_to_end(tmp_path, demo_root):
+    out = tmp_path / "lin"
+    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "linear_stl10", "--demo", "--set", "protocol=wmse",
+                "--out", str(out)]) == 0
+    rec = json.loads(next((out / "records").rglob("*.json")).read_text())
+    assert rec["probe"]["probe"] == "linear:wmse" and set(rec["metrics"]) == {"stl10_linear_top1", "stl10_linear_top5"}
+    assert len(rec["data"]["history"]) == rec["protocol"]["wmse_epochs"]["value"] == 100
+    assert rec["data"]["train_rows_used"] == 300  # 300 demo train images, batches of 60
