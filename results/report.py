@@ -4,10 +4,12 @@
     python evaluate/report.py --records /tmp/myresults --runs runs/
 
 Writes, for every paper table, `<table>.md` and `<table>.csv` (our value, the paper's value and the
-difference in each cell; the paper's rows we did not run stay, marked as reported), a
-`leaderboard.md/.csv` (one row per checkpoint, one column per metric) and PNG plots under `plots/`.
-Every cell names the records it came from (r1, r2, ... listed under each table). Running it twice on
-the same records writes byte-identical files.
+difference in each cell; the paper's rows we did not run stay, marked as reported); one table per task
+family (`linear`, `knn`, `semisup`, `transfer`, `detection`, `representation`: rows = checkpoint x
+protocol, at most 12 columns); and PNG plots under `plots/` (a grouped bar chart per family, kNN accuracy
+against k, alignment against uniformity, Table 11's λ grid, pretraining curves). Every cell names the
+records it came from (r1, r2, ... listed under each table). Running it twice on the same records writes
+byte-identical files.
 """
 import csv
 import io
@@ -18,7 +20,8 @@ from pathlib import Path
 from core.cli import ArgumentParser, UserError
 from core.files import REPO_ROOT, atomic_write_bytes
 from results.record import read_records
-from results.tables import TITLES, Cell, build_table, checkpoint_key, read_paper, row_matches
+from results.tables import TITLES, Cell, build_table, checkpoint_key, protocol_matches, read_paper, row_matches, \
+    cell_protocol
 
 
 def _csv(rows) -> str:
@@ -32,10 +35,12 @@ def _md_row(cells) -> str:
 
 
 def table_files(table, paper, records, ids):
-    metrics, rows = build_table(table, paper, records)
+    metrics, rows, notes = build_table(table, paper, records)
     md = [f"# {TITLES.get(table, table)}", "",
           "Each cell: our value (mean ± std over records when several) with the paper's value and the "
-          "difference; `— (paper x, reported)` where we have no record; `[rN]` names the records.", "",
+          "difference; `— (paper x, reported)` where we have no record; `[rN]` names the records. A record fills "
+          "a paper row only when it was pretrained as the row says and measured with the protocol of the "
+          "paper's number.", "",
           _md_row(["source", "method / checkpoint", "backbone", "setting"] + metrics),
           _md_row(["---"] * (4 + len(metrics)))]
     long = [["table", "source", "method_or_checkpoint", "backbone", "setting", "metric", "ours_mean", "ours_std",
@@ -54,30 +59,84 @@ def table_files(table, paper, records, ids):
             used.update(c.records)
             mean = c.mean()
             long.append([table, source, label, backbone, setting, m, "" if mean is None else f"{mean:.4f}",
-                         f"{c.std():.4f}" if c.values else "", len(c.values),
-                         "" if c.paper is None else f"{c.paper:g}",
-                         "" if mean is None or c.paper is None else f"{mean - c.paper:+.4f}", " ".join(c.records)])
+                         f"{c.std():.4f}" if c.values else "", len(c.values), c.paper or "",
+                         "" if mean is None or c.paper is None else f"{mean - float(c.paper):+.4f}",
+                         " ".join(c.records)])
+    if notes:
+        md += ["", "Not placed in the paper's rows:", ""] + [f"- {n}" for n in notes]
     if used:
         md += ["", "Records:", ""] + [f"- {rid}: {ids[rid]}" for rid in sorted(used, key=lambda r: int(r[1:]))]
     return "\n".join(md) + "\n", _csv(long)
 
 
-def leaderboard(records, ids):
-    """One row per checkpoint, one column per metric (mean over its records)."""
-    by_ckpt = defaultdict(lambda: defaultdict(list))
+# ---- one table per task family -------------------------------------------------------------------
+
+FAMILIES = ("linear", "knn", "semisup", "transfer", "detection", "representation")
+FAMILY_TITLES = {"linear": "Linear classification on frozen features", "knn": "kNN classification",
+                 "semisup": "Semi-supervised ImageNet", "transfer": "Transfer classification (VOC07 SVM, "
+                 "Places205, iNat18)", "detection": "Detection and instance segmentation",
+                 "representation": "Representation metrics (alignment, uniformity)"}
+MAX_COLUMNS = 12  # a markdown table a screen shows
+
+
+def family(metric: str) -> str:
+    if metric.startswith(("voc07_", "places205_", "inat18_")):
+        return "transfer"
+    if metric.startswith(("voc_det_", "coco_")):
+        return "detection"
+    if metric.startswith("semisup"):
+        return "semisup"
+    if "_knn" in metric:
+        return "knn"
+    if "_linear_" in metric:
+        return "linear"
+    return "representation"
+
+
+def _family_metrics(name, metrics):
+    """The family's columns: top-1 (and top-5 where the family is small), in a stable order."""
+    mine = sorted(m for m in metrics if family(m) == name)
+    if name in ("linear", "knn") and len(mine) > MAX_COLUMNS - 3:
+        mine = [m for m in mine if not m.endswith("_top5")]
+    return mine
+
+
+def family_tables(records, ids):
+    """{family: (markdown, csv)}: rows = checkpoint x protocol, at most MAX_COLUMNS columns per markdown table."""
+    out = {}
+    rows = defaultdict(lambda: defaultdict(list))
     for rid, rec in records:
+        probe = (rec.get("probe") or {}).get("probe") or rec.get("engine") or "?"
+        key = checkpoint_key(rec)[:1] + (checkpoint_key(rec)[2], probe)
         for metric, value in rec.get("metrics", {}).items():
-            by_ckpt[checkpoint_key(rec)][metric].append((float(value), rid))
-    metrics = sorted({m for per in by_ckpt.values() for m in per})
-    md = ["# Leaderboard", "", "Mean over records; `[rN]` names them (see the paper tables' record lists).", "",
-          _md_row(["checkpoint", "sha256", "arch"] + metrics), _md_row(["---"] * (3 + len(metrics)))]
-    rows = [["checkpoint", "sha256", "arch"] + metrics]
-    for key in sorted(by_ckpt):
-        cells = [Cell([v for v, _ in by_ckpt[key][m]], [r for _, r in by_ckpt[key][m]]) for m in metrics]
-        md.append(_md_row(list(key) + [c.text() if c.values else "" for c in cells]))
-        rows.append(list(key) + [f"{c.mean():.4f}" if c.values else "" for c in cells])
-    md += ["", "Records:", ""] + [f"- {rid}: {path}" for rid, path in ids.items()]
-    return "\n".join(md) + "\n", _csv(rows)
+            rows[key][metric].append((float(value), rid))
+    all_metrics = {m for per in rows.values() for m in per}
+    for name in FAMILIES:
+        metrics = _family_metrics(name, all_metrics)
+        if not metrics:
+            continue
+        keys = sorted(k for k in rows if any(m in rows[k] for m in metrics))
+        per_table = MAX_COLUMNS - 3
+        md = [f"# {FAMILY_TITLES[name]}", "", "Mean over records (n when several); rows are checkpoint x protocol; "
+              "`[rN]` names the records (listed below). All metrics of every record are in `summary.csv`.", ""]
+        long = [["checkpoint", "arch", "protocol", "metric", "mean", "std", "n", "records"]]
+        for start in range(0, len(metrics), per_table):
+            chunk = metrics[start:start + per_table]
+            md += [_md_row(["checkpoint", "arch", "protocol"] + chunk), _md_row(["---"] * (3 + len(chunk)))]
+            for key in keys:
+                cells = [Cell([v for v, _ in rows[key][m]], [r for _, r in rows[key][m]]) for m in chunk]
+                md.append(_md_row(list(key) + [c.text() if c.values else "" for c in cells]))
+            md.append("")
+        for key in keys:
+            for m in metrics:
+                c = Cell([v for v, _ in rows[key][m]], [r for _, r in rows[key][m]])
+                if c.values:
+                    long.append(list(key) + [m, f"{c.mean():.4f}", f"{c.std():.4f}", len(c.values),
+                                             " ".join(c.records)])
+        used = sorted({r for key in keys for m in metrics for _, r in rows[key][m]}, key=lambda r: int(r[1:]))
+        md += ["Records:", ""] + [f"- {rid}: {ids[rid]}" for rid in used]
+        out[name] = ("\n".join(md) + "\n", _csv(long), keys, metrics, rows)
+    return out
 
 
 # ---- plots ---------------------------------------------------------------------------------------
@@ -95,34 +154,50 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
-def plot_checkpoints(records, paper):
-    """Per checkpoint: bars across its metrics, beside the paper's value for the row it matches."""
+def plot_family(name, keys, metrics, rows):
+    """One grouped bar chart per family: metrics along x, one bar per checkpoint x protocol, one y axis."""
     import matplotlib.pyplot as plt
 
-    by_ckpt = defaultdict(lambda: defaultdict(list))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(metrics) + 3), 3.8))
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        values = [sum(v for v, _ in rows[key][m]) / len(rows[key][m]) if rows[key][m] else float("nan")
+                  for m in metrics]
+        ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(metrics))], values, width,
+               label=f"{key[0]} ({key[2]})")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("AP" if name == "detection" else "accuracy / mAP (%)")
+    ax.set_title(FAMILY_TITLES[name], fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _figure_bytes(fig)
+
+
+def plot_alignment_uniformity(records, paper):
+    """Wang & Isola's plane: uniformity (x) against alignment (y), ours and the paper's Table 12 points."""
+    import matplotlib.pyplot as plt
+
+    ours = defaultdict(dict)
     for _, rec in records:
-        for m, v in rec.get("metrics", {}).items():
-            by_ckpt[checkpoint_key(rec)][m].append((float(v), rec))
-    out = {}
-    for key in sorted(by_ckpt):
-        metrics = sorted(by_ckpt[key])
-        ours = [sum(v for v, _ in by_ckpt[key][m]) / len(by_ckpt[key][m]) for m in metrics]
-        theirs = []
-        for m in metrics:
-            rec = by_ckpt[key][m][0][1]
-            hit = [p.value for p in paper if p.metric == m and row_matches(p, rec)]
-            theirs.append(hit[0] if hit else float("nan"))
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(metrics) + 2), 3.5))
-        x = range(len(metrics))
-        ax.bar([i - 0.2 for i in x], ours, 0.4, label="ours")
-        ax.bar([i + 0.2 for i in x], theirs, 0.4, label="paper (matching row)")
-        ax.set_xticks(list(x), metrics, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("value")
-        ax.set_title(key[0], fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        out[f"{_slug(key[0])}_{key[1]}_tasks.png"] = _figure_bytes(fig)
-    return out
+        for m in ("alignment", "uniformity"):
+            if m in rec.get("metrics", {}):
+                ours[checkpoint_key(rec)[0]][m] = float(rec["metrics"][m])
+    theirs = defaultdict(dict)
+    for p in paper:
+        if p.metric in ("alignment", "uniformity"):
+            theirs[p.method][p.metric] = p.value
+    points = [(label, v, "o") for label, v in ours.items() if len(v) == 2] + \
+             [(f"paper: {label}", v, "x") for label, v in theirs.items() if len(v) == 2]
+    if not any(marker == "o" for _, _, marker in points):
+        return {}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, v, marker in points:
+        ax.scatter(v["uniformity"], v["alignment"], marker=marker, label=label)
+    ax.set_xlabel("uniformity (lower is more uniform)")
+    ax.set_ylabel("alignment (lower is better aligned)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return {"alignment_uniformity.png": _figure_bytes(fig)}
 
 
 def plot_knn_curves(records):
@@ -194,7 +269,8 @@ def plot_lambda_grid(paper, records):
                     grid[i][j] = p.value
                 else:
                     vals = [float(r["metrics"][p.metric]) for _, r in records
-                            if p.metric in r.get("metrics", {}) and row_matches(p, r)]
+                            if p.metric in r.get("metrics", {}) and row_matches(p, r)
+                            and protocol_matches(cell_protocol(p.table, p.method, p.metric), r)]
                     grid[i][j] = sum(vals) / len(vals) if vals else float("nan")
             ax = axes[row][col]
             im = ax.imshow(grid, cmap="viridis")
@@ -226,9 +302,11 @@ def write_report(records_dir: Path, out_dir: Path, runs=(), paper_csv=None):
     for table in dict.fromkeys(p.table for p in paper):
         md, csv_text = table_files(table, paper, records, ids)
         files[f"{table}.md"], files[f"{table}.csv"] = md.encode(), csv_text.encode()
-    md, csv_text = leaderboard(records, ids)
-    files["leaderboard.md"], files["leaderboard.csv"] = md.encode(), csv_text.encode()
-    plots = {**plot_checkpoints(records, paper), **plot_knn_curves(records), **plot_lambda_grid(paper, records)}
+    plots = {**plot_knn_curves(records), **plot_lambda_grid(paper, records),
+             **plot_alignment_uniformity(records, paper)}
+    for name, (md, csv_text, keys, metrics, rows) in family_tables(records, ids).items():
+        files[f"{name}.md"], files[f"{name}.csv"] = md.encode(), csv_text.encode()
+        plots[f"{name}.png"] = plot_family(name, keys, metrics, rows)
     for run_dir in runs:
         for log in sorted(Path(run_dir).rglob("log.jsonl")):
             png = plot_pretraining(log)

@@ -13,8 +13,12 @@ MSBREG_K4 = {"dataset": "imagenet100", "arch": "resnet18", "views": 4, "loss": "
              "lambda_b": 0.5, "head_norm": "batchnorm", "batch_size": 512, "epochs": 320}
 
 
-def record(task, metrics, sha, pretraining=None, demo=False, path="/ckpts/r18.pth", engine="pytorch"):
-    return {"record_version": 1, "task": task, "demo": demo, "engine": engine, "metrics": metrics, "arch": "resnet18",
+PROBES = {"linear_in100": "linear:wmse", "knn_in100": "knn:wmse", "knn_stl10": "knn:wmse"}
+
+
+def record(task, metrics, sha, pretraining=None, demo=False, path="/ckpts/r18.pth", engine="pytorch", probe=None):
+    return {"record_version": 2, "task": task, "demo": demo, "engine": engine, "metrics": metrics, "arch": "resnet18",
+            "probe": {"probe": probe or PROBES[task]},
             "checkpoint": {"path": path, "sha256": sha, "format": "torchvision", "pretraining": pretraining}}
 
 
@@ -30,6 +34,10 @@ def records_dir(tmp_path):
         "linear_in100/d.json": record("linear_in100", {"in100_linear_top1": 40.0}, "d" * 64, MSBREG_K4, demo=True,
                                       path="/runs/demo/backbone.pth"),
         "knn_stl10/e.json": record("knn_stl10", {"stl10_knn5_top1": 12.0}, None, path="random:resnet18:seed0"),
+        "linear_in100/g.json": record("linear_in100", {"in100_linear_top1": 78.0}, "g" * 64,
+                                      {**MSBREG_K4, "epochs": 300}, path="/runs/k4_300ep/backbone.pth"),
+        "linear_in100/f.json": record("linear_in100", {"in100_linear_top1": 70.0}, "a" * 64, MSBREG_K4,
+                                      path="/runs/k4/backbone.pth", probe="linear:fast"),
     }
     for rel, rec in recs.items():
         path = tmp_path / "records" / rel
@@ -73,16 +81,33 @@ def test_settings_place_records_in_ablation_rows(records_dir, capsys):
     report_cli(["--records", str(records_dir)])
     t11 = read_rows(records_dir / "tables" / "table11.csv")
     hit = [r for r in t11 if r["ours_mean"]]
-    assert [(r["method_or_checkpoint"], r["setting"]) for r in hit if r["source"] == "paper"] == [
-        ("MSBReg K=4", "K=4;lambda_s=0.004;lambda_b=0.5")]
+    # Table 11's grid ran 300 epochs (§10): the 300-epoch record fills its cell, the 320-epoch ones do not
+    assert [(r["method_or_checkpoint"], r["setting"], r["ours_mean"]) for r in hit if r["source"] == "paper"] == [
+        ("MSBReg K=4", "K=4;lambda_s=0.004;lambda_b=0.5", "78.0000")]
     t8 = read_rows(records_dir / "tables" / "table8.csv")
     assert [r["setting"] for r in t8 if r["source"] == "paper" and r["ours_mean"]] == [
         "K=4;centroid=1;brownian=1;singular=1"]
+    t1 = read_rows(records_dir / "tables" / "table1.csv")
+    assert "78.0000" not in {r["ours_mean"] for r in t1 if r["source"] == "paper"}  # Table 1 is 320 epochs (§7.1)
     eff = read_rows(records_dir / "tables" / "efficiency.csv")
-    assert not [r for r in eff if r["source"] == "paper" and r["ours_mean"]]  # 320 epochs is not the 300 row
+    # the efficiency table's MSBReg row is 300 epochs: the 300-epoch record fills it, the 320-epoch ones do not
+    assert [r["ours_mean"] for r in eff if r["source"] == "paper" and r["ours_mean"]] == ["78.0000"]
 
 
-def test_leaderboard_plots_and_determinism(records_dir, tmp_path, capsys):
+def test_a_record_of_another_protocol_is_not_placed_and_says_why(records_dir, capsys):
+    report_cli(["--records", str(records_dir)])
+    rows = read_rows(records_dir / "tables" / "table1.csv")
+    fast = cell(rows, "k4/backbone.pth [linear:fast]", "in100_linear_top1")
+    assert fast["source"] == "ours" and fast["ours_mean"] == "70.0000" and fast["paper"] == ""
+    assert cell(rows, "MSBReg K=4", "in100_linear_top1")["ours_mean"] == "80.5000"  # the fast record is not in it
+    md = (records_dir / "tables" / "table1.md").read_text()
+    assert ("k4/backbone.pth [linear:fast]: pretrained as the paper's row 'MSBReg K=4', but measured with "
+            "linear:fast; the paper's cell was measured with linear:wmse") in md
+    assert "| paper | MSBReg K=4 | resnet18 |  | 80.50 ± 0.71 (n=2) (paper 80.38, Δ +0.12)" in md
+    assert "(paper 93.00, reported)" in md and "(paper 74.30," in md  # the paper's numbers as it prints them
+
+
+def test_family_tables_plots_and_determinism(records_dir, tmp_path, capsys):
     runs = tmp_path / "runs" / "demo"
     runs.mkdir(parents=True)
     (runs / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1 / s, "lr": 0.1, "tau": 0.99,
@@ -91,10 +116,15 @@ def test_leaderboard_plots_and_determinism(records_dir, tmp_path, capsys):
     assert report_cli(["--records", str(records_dir), "--runs", str(tmp_path / "runs")]) == 0
     out = records_dir / "tables"
     first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    board = read_rows(out / "leaderboard.csv")
-    assert len(board) == 3 and {r["checkpoint"] for r in board} == {
-        "k4/backbone.pth", "demo/backbone.pth [demo]", "random:resnet18:seed0"}
+    linear = read_rows(out / "linear.csv")
+    assert {(r["checkpoint"], r["protocol"]) for r in linear} == {
+        ("k4/backbone.pth", "linear:wmse"), ("k4/backbone.pth", "linear:fast"), ("k4_300ep/backbone.pth", "linear:wmse"),
+        ("demo/backbone.pth [demo]", "linear:wmse")}
+    for name in ("linear", "knn"):
+        for line in (out / f"{name}.md").read_text().splitlines():
+            assert line.count("|") - 1 <= 12 if line.startswith("|") else True
     pngs = [p for p in first if p.suffix == ".png"]
+    assert {"plots/linear.png", "plots/knn.png"} <= {p.as_posix() for p in pngs}
     assert any("pretraining" in p.name for p in pngs) and any(p.name == "table11_lambda_grid.png" for p in pngs)
     assert all(first[p].startswith(b"\x89PNG") for p in pngs)
     assert report_cli(["--records", str(records_dir), "--runs", str(tmp_path / "runs")]) == 0
