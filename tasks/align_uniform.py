@@ -1,14 +1,23 @@
-"""Alignment and uniformity of frozen features (Wang & Isola 2020; the paper's Table 12).
+"""Alignment and uniformity (Wang & Isola 2020; the paper's Table 12).
 
 Two augmented views of every image of the evaluation split (the pretraining augmentations of Table 9),
-pooled backbone features, L2-normalised. Alignment = mean ||f(x) - f(x')||² over the pairs;
-uniformity = log mean exp(-2 ||f(x_i) - f(x_j)||²) over pairs of images, averaged over the two views.
+embedded and L2-normalised. Alignment = mean ||f(x) - f(x')||² over the pairs; uniformity = log mean
+exp(-2 ||f(x_i) - f(x_j)||²) over pairs of images, averaged over the two views.
+
+The embedding (`space`): Wang & Isola define both on the unit sphere of the encoder's output embedding
+(SsnL/align_uniform: the 128-d L2-normalised output), and Table 12's uniformity of -3.8 is only possible
+there: any set of points has uniformity >= -4 (1 - mean pairwise cosine), and pooled post-ReLU backbone
+features have large positive cosines; uniform points on the 128-d sphere give -3.94. So `projector` (the
+default) embeds with the L2-normalised outputs of the run's online projector, which this suite's
+pretraining checkpoints carry (`backbones.heads.find_projector`); a checkpoint without one falls back to
+the pooled backbone features, and the record says which space was used.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from backbones.heads import find_projector
 from core.progress import progress
 from core.settings import setting
 from datasets.catalog import IN100_CLASSES, IN100_DEMO_CLASSES, read_classification
@@ -30,6 +39,9 @@ class AlignUniformProtocol:
     t: float = setting(2.0, "Wang & Isola (2020), uniformity temperature t = 2")
     batch_size: int = setting(128, "runtime setting; does not change results")
     max_images: int = setting(10000, "uniformity is O(n²): at most this many images (the first n of the split)")
+    space: str = setting("projector", "Wang & Isola: the L2-normalised output embedding (SsnL/align_uniform "
+                                      "examples/stl10); backbone: pooled backbone features",
+                         choices=("projector", "backbone"))
 
 
 DEMO = {"dataset": "imagenet100", "num_classes": 6, "class_list": IN100_DEMO_CLASSES, "decode_size": 64,
@@ -44,7 +56,15 @@ def run(ctx, p: AlignUniformProtocol) -> TaskOutput:
     aug = ViewAugment(crop_size=p.crop_size)
     mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
     g = torch.Generator().manual_seed(ctx.seed)
-    model = ctx.model.to(ctx.device).eval()
+    model, space, info = ctx.model, "backbone", {}
+    if p.space == "projector":
+        projector, where = find_projector(ctx.checkpoint.path) if ctx.checkpoint.sha256 else (None, "no file")
+        info["embedding_source"] = where
+        if projector is not None:
+            model, space = torch.nn.Sequential(ctx.model, projector), "projector"
+        else:
+            ctx.log(f"  no projector ({where}): alignment and uniformity of the pooled backbone features")
+    model = model.to(ctx.device).eval()
     views = ([], [])
     for start in progress(range(0, n, p.batch_size), "align/uniform", unit="batch"):
         batch = images.batch(range(start, min(n, start + p.batch_size)))
@@ -53,4 +73,5 @@ def run(ctx, p: AlignUniformProtocol) -> TaskOutput:
             v.append(F.normalize(model(x).float().flatten(1), dim=1).cpu())
     x, y = torch.cat(views[0]), torch.cat(views[1])
     metrics = {"alignment": alignment(x, y, p.alpha), "uniformity": (uniformity(x, p.t) + uniformity(y, p.t)) / 2}
-    return TaskOutput(metrics, {"test_size": n, "feature_dim": x.shape[1]})
+    info.update(test_size=n, feature_dim=x.shape[1], space=space)
+    return TaskOutput(metrics, info, probe={"probe": f"align_uniform:{space}"})
