@@ -252,11 +252,20 @@ def build_table(table: str, paper, records):
                 if key not in rows:
                     rows[key] = {m: Cell([], []) for m in metrics}
                     order.append(key)
-                rows[key][metric].values.append(float(value))
-                rows[key][metric].records.append(rid)
+                values = trial_values(rec, metric) or [float(value)]
+                rows[key][metric].values.extend(values)
+                rows[key][metric].records.extend([rid] * len(values))
     paper_rows = [k for k in order if k[0] == "paper"]
     our_rows = sorted(k for k in order if k[0] == "ours")
     return metrics, [(k, rows[k]) for k in paper_rows + our_rows], [notes[k] for k in sorted(notes)]
+
+
+def trial_values(record: dict, metric: str) -> list:
+    """The per-trial values of a record that ran several seeds (detection's trials=N), else []."""
+    trials = (record.get("data") or {}).get("trials") or []
+    prefix = {"voc_det": "voc_det_", "coco_instseg": "coco_"}.get(record.get("task"), "")
+    values = [t["metrics"].get(metric[len(prefix):]) for t in trials if isinstance(t, dict) and "metrics" in t]
+    return [float(v) for v in values] if len(values) > 1 and None not in values else []
 
 
 def _note(mine, key):

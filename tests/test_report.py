@@ -162,3 +162,17 @@ def test_records_of_every_version_read_with_their_version(tmp_path):
     skipped = []
     assert [p.name for p, _ in read_records(tmp_path, warn=skipped.append)] == [old.name]
     assert len(skipped) == 1 and "newer than" in skipped[0]
+
+
+def test_detection_trials_fill_a_cell_with_their_mean_and_std(tmp_path, capsys):
+    pre = {**MSBREG_K4, "dataset": "imagenet", "arch": "resnet50", "epochs": 300}
+    trials = [{"seed": s, "metrics": {"ap50": v, "ap75": 0.0, "ap": 0.0}} for s, v in enumerate((80.0, 82.0, 84.0))]
+    rec = {**record("linear_in100", {"voc_det_ap50": 82.0}, "c" * 64, pre, path="/runs/r50/backbone.pth",
+                    engine="detectron2"), "task": "voc_det", "arch": "resnet50",
+           "probe": {"engine": "detectron2", "trials": 3}, "data": {"trials": trials}}
+    path = tmp_path / "records" / "voc_det" / "r50__20260101-000000.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    c = cell(read_rows(tmp_path / "tables" / "table5.csv"), "MSBReg K=4", "voc_det_ap50")
+    assert (c["ours_mean"], c["ours_std"], c["n"]) == ("82.0000", "2.0000", "3")

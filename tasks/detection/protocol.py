@@ -4,8 +4,15 @@ from dataclasses import dataclass
 
 from core.settings import setting
 
-MOCO = "MoCo's detection recipe (He et al. 2020, detection/configs), which the paper follows (§8.4)"
-D2 = "Detectron2's default config (defaults.py), which MoCo's recipe keeps"
+MOCO = ("MoCo's detection recipe (He et al. 2020, detection/configs: Base-RCNN-C4-BN.yaml, "
+        "pascal_voc_R_50_C4_24k_moco.yaml), which the paper follows (§8.4)")
+D2 = "Detectron2's default config (detectron2/config/defaults.py), which MoCo's recipe keeps"
+FPN = ("Detectron2's configs/Base-RCNN-FPN.yaml (MoCo's released configs hold no FPN recipe, only C4; the paper's "
+       "COCO schedule of §9 is VICReg's, App. C.3, with LR 0.05)")
+COCO_NORM = ("Detectron2's configs/Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml: SyncBN in the backbone, the FPN, the "
+             "4conv1fc box head and the mask head (trained, FREEZE_AT 0; per-process BN on one device), as detectors "
+             "finetuned from self-supervised weights are trained in MoCo and 'Rethinking ImageNet Pre-training'; "
+             "VISSL's sBN_precBN.yaml keeps norms in the backbone only, a documented alternative, not used here")
 
 
 @dataclass(frozen=True)
@@ -53,13 +60,14 @@ class CocoInstsegProtocol(DetectionProtocol):
     max_iter: int = setting(90000, "paper §9: 90k iterations")
     steps: tuple[int, ...] = setting((60000, 80000), "paper §9: divided by 10 at 60k and 80k")
     warmup_iters: int = setting(50, "paper §9: 50 warm-up iterations")
-    train_sizes: tuple[int, ...] = setting(tuple(range(640, 801, 32)), MOCO + ": coco_R_50_FPN_1x MIN_SIZE_TRAIN 640-800")
+    train_sizes: tuple[int, ...] = setting(tuple(range(640, 801, 32)), FPN + ": INPUT.MIN_SIZE_TRAIN 640-800")
     test_size: int = setting(800, D2 + ": MIN_SIZE_TEST 800")
-    pooler_resolution: int = setting(7, "Base-RCNN-FPN: ROI_BOX_HEAD.POOLER_RESOLUTION 7 (mask head: 14)")
-    rpn_pre_nms_topk_train: int = setting(2000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TRAIN (per level)")
-    rpn_post_nms_topk_train: int = setting(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TRAIN")
-    rpn_pre_nms_topk_test: int = setting(1000, "Base-RCNN-FPN: RPN.PRE_NMS_TOPK_TEST (per level)")
-    rpn_post_nms_topk_test: int = setting(1000, "Base-RCNN-FPN: RPN.POST_NMS_TOPK_TEST")
+    pooler_resolution: int = setting(7, FPN + ": ROI_BOX_HEAD.POOLER_RESOLUTION 7 (mask head: 14)")
+    rpn_pre_nms_topk_train: int = setting(2000, FPN + ": RPN.PRE_NMS_TOPK_TRAIN (per level)")
+    rpn_post_nms_topk_train: int = setting(1000, FPN + ": RPN.POST_NMS_TOPK_TRAIN")
+    rpn_pre_nms_topk_test: int = setting(1000, FPN + ": RPN.PRE_NMS_TOPK_TEST (per level)")
+    rpn_post_nms_topk_test: int = setting(1000, FPN + ": RPN.POST_NMS_TOPK_TEST")
+    norm: str = setting("syncbn-backbone-fpn-heads", COCO_NORM, choices=("syncbn-backbone-fpn-heads",))
 
 
 # Demo: the generated 160 x 120 VOC and 128 x 128 COCO shapes (1-4 objects each), any ResNet, and a
