@@ -56,9 +56,9 @@ class LinearProtocol(FrozenFeatureProtocol):
                                                        "loader drops it: drop_last=True)")
 
 
-# Demo: protocol=sgd over 3 epochs at batch 32 on the small demo trees (like the demo SGD probes); protocol=wmse with
-# batches of 60 (the demo train splits hold 180-360 images) and 100 epochs.
-DEMO = dict(sgd_epochs=3, sgd_batch_size=32, wmse_batch_size=60, wmse_epochs=100)
+# Demo: L-BFGS for 100 iterations; protocol=sgd over 3 epochs at batch 32 on the small demo trees (like the demo SGD
+# probes); protocol=wmse with batches of 60 (the demo train splits hold 180-360 images) and 100 epochs.
+DEMO = dict(max_iter=100, sgd_epochs=3, sgd_batch_size=32, wmse_batch_size=60, wmse_epochs=100)
 
 
 def train_linear_wmse(xtr, ytr, num_classes, p: LinearProtocol, seed: int, device="cpu"):
