@@ -46,7 +46,7 @@ def test_random_encoder_knn_and_linear(capsys, tmp_path, demo_root):
     assert set(recs) == set(tasks.split(","))
     assert set(recs["align_uniform"]["metrics"]) == {"alignment", "uniformity"}
     assert 0 <= recs["align_uniform"]["metrics"]["alignment"] <= 4 and recs["align_uniform"]["metrics"]["uniformity"] <= 0
-    assert (tmp_path / "tables" / "table1.md").is_file() and (tmp_path / "tables" / "leaderboard.csv").is_file()
+    assert (tmp_path / "tables" / "table1.md").is_file() and (tmp_path / "tables" / "linear.csv").is_file()
     knn = recs["knn_stl10"]
     assert set(knn["metrics"]) == {f"stl10_knn{k}_top{t}" for k in (5, 20, 200) for t in (1, 5)}
     assert all(0 <= v <= 100 for v in knn["metrics"].values())
