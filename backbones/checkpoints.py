@@ -195,13 +195,13 @@ def metadata_dataset(obj, path: Path):
 
 def _normalization(value: str, release):
     """(mean, std) or None (the task's), and the record's description."""
-    from datasets.views import IMAGENET_MEAN, IMAGENET_STD
-
     if value == "auto":
         if release is not None and release.normalization is not None:
             return release.normalization, f"{_describe_norm(release.normalization)}: {release.normalization_source}"
         return None, "the task protocol's mean/std"
     if value == "imagenet":
+        from datasets.views import IMAGENET_MEAN, IMAGENET_STD
+
         return (IMAGENET_MEAN, IMAGENET_STD), "ImageNet mean/std (--set normalize=imagenet)"
     if value == "none":
         return NO_NORMALIZATION, "none, RGB in [0, 1] (--set normalize=none)"
@@ -250,8 +250,8 @@ def _stem_settings(spec, release, obj, path, settings: InputSettings, notes: dic
 
 # ---- the entry points ----------------------------------------------------------------------------------
 
-def discover(path):
-    content = read_file(path)
+def discover(path, shapes_only=False):
+    content = read_file(path, shapes_only)
     candidates = find_candidates(content.obj)
     return content, candidates, [c for c in candidates if c.fits]
 
@@ -273,7 +273,8 @@ def _resolve(path, content, candidates, fits, format_name, key, settings, with_s
     notes = dict(release.notes) if release else {}
     maxpool, padding = _stem_settings(chosen.spec, release, obj, path, settings, notes)
     norm, norm_text = _normalization(settings.normalize, release)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in chosen.state.items()}
+    state = {k: v.float() if hasattr(v, "is_floating_point") and v.is_floating_point() else v
+             for k, v in chosen.state.items()}
     changed = {k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)}
     return Checkpoint(
         state, str(path.resolve()), sha256_of(path) if with_sha else None, release.name if release else chosen.scheme.name,
@@ -351,7 +352,7 @@ def _value_summary(v) -> str:
 def inspect_lines(path, format_name=None, key=None, settings: InputSettings = None) -> list:
     """The lines `evaluate/run.py --inspect` prints: what was read, every ResNet found, which would be used."""
     path = Path(path)
-    content, candidates, fits = discover(path)
+    content, candidates, fits = discover(path, shapes_only=True)
     obj = content.obj
     size = path.stat().st_size
     lines = [f"checkpoint: {path} ({size / 1e6:.1f} MB, {content.container})"]

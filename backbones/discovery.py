@@ -9,8 +9,7 @@ not part of a ResNet backbone (fc classifiers, projection heads) are left out an
 import re
 from dataclasses import dataclass, field
 
-import torch
-
+from backbones.reading import is_tensor
 from backbones.resnet import analyse
 from backbones.schemes import SCHEMES, Scheme
 
@@ -67,7 +66,7 @@ def tensor_dicts(obj, path=(), seen=None):
         return
     seen.add(id(obj))
     if isinstance(obj, dict):
-        if any(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        if any(isinstance(k, str) and is_tensor(v) for k, v in obj.items()):
             yield path, obj
         for k, v in obj.items():
             if isinstance(v, (dict, list, tuple)):
@@ -84,7 +83,7 @@ def find_candidates(obj) -> list:
     for path, d in tensor_dicts(obj):
         found = {}
         for key, value in d.items():
-            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            if not isinstance(key, str) or not is_tensor(value):
                 continue
             for scheme in SCHEMES:
                 m = scheme.anchor.search(key)
@@ -92,7 +91,7 @@ def find_candidates(obj) -> list:
                     found.setdefault((key[:m.start(1)], scheme.name), scheme)
         for (prefix, _), scheme in found.items():
             under = {k[len(prefix):]: v for k, v in d.items()
-                     if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+                     if isinstance(k, str) and k.startswith(prefix) and is_tensor(v)}
             backbone, other, unplaced = scheme.to_torchvision(under)
             spec, problems = analyse(backbone)
             if unplaced:
@@ -115,7 +114,12 @@ def is_momentum_copy(c: Candidate) -> bool:
 
 
 def same_tensors(a: Candidate, b: Candidate) -> bool:
-    return a.state.keys() == b.state.keys() and all(torch.equal(v, b.state[k]) for k, v in a.state.items())
+    """Equal tensors (False when only shapes were read)."""
+    import torch
+
+    return a.state.keys() == b.state.keys() and all(
+        isinstance(v, torch.Tensor) and isinstance(b.state[k], torch.Tensor) and torch.equal(v, b.state[k])
+        for k, v in a.state.items())
 
 
 def distinguishing_part(chosen: Candidate, others: list):

@@ -19,6 +19,9 @@ Torch files (zip, and the legacy format that mmselfsup's `publish_model.py` writ
 `_use_new_zipfile_serialization=False`) go through `torch.load` with this unpickler; TorchScript archives
 are refused (they run code when loaded). Plain pickles (Detectron2's `.pkl`) use the same unpickler, and
 their numpy arrays become tensors of the same shape (0-d included). Safetensors hold no pickle at all.
+
+`read_file(path, shapes_only=True)` (what `--inspect` uses) reads the same pickles with the same rules but
+never the tensors' data, and without importing torch: each tensor is a `TensorInfo` (shape and dtype).
 """
 import _compat_pickle
 import argparse
@@ -26,7 +29,11 @@ import builtins
 import collections
 import copyreg
 import io
+import json
+import math
 import pickle
+import struct
+import sys
 import types
 import warnings
 import zipfile
@@ -106,23 +113,12 @@ def foreign_name(obj):
     return None
 
 
-def _allowed_globals() -> dict:
-    """'module.name' -> the real object, for the constructors of plain data a checkpoint may call."""
+def _plain_globals() -> dict:
+    """'module.name' -> the real object, for the constructors of plain (non-torch) data a checkpoint may call."""
     import numpy as np
-    import torch
 
-    try:  # torch's own list for weights_only loading: tensors, storages, dtypes, Size, OrderedDict, ...
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = dict(_get_allowed_globals())
-    except ImportError:  # an older or newer torch without it: the rebuild functions torch.save writes
-        allowed = {f"torch._utils.{n}": getattr(torch._utils, n) for n in (
-            "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")}
-        allowed.update({"torch.Size": torch.Size, "torch._tensor._rebuild_from_type_v2":
-                        torch._tensor._rebuild_from_type_v2, "collections.OrderedDict": collections.OrderedDict})
-        allowed.update({f"torch.{d}": getattr(torch, d) for d in ("float16", "float32", "float64", "bfloat16",
-                                                                  "int8", "int16", "int32", "int64", "uint8", "bool")})
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
         allowed[f"{mod}.scalar"] = multiarray.scalar
@@ -136,15 +132,34 @@ def _allowed_globals() -> dict:
     return allowed
 
 
+def _allowed_globals() -> dict:
+    """'module.name' -> the real object, for the constructors of plain data and tensors a checkpoint may call."""
+    import torch
+
+    try:  # torch's own list for weights_only loading: tensors, storages, dtypes, Size, OrderedDict, ...
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = dict(_get_allowed_globals())
+    except ImportError:  # an older or newer torch without it: the rebuild functions torch.save writes
+        allowed = {f"torch._utils.{n}": getattr(torch._utils, n) for n in (
+            "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")}
+        allowed.update({"torch.Size": torch.Size, "torch._tensor._rebuild_from_type_v2":
+                        torch._tensor._rebuild_from_type_v2, "collections.OrderedDict": collections.OrderedDict})
+        allowed.update({f"torch.{d}": getattr(torch, d) for d in ("float16", "float32", "float64", "bfloat16",
+                                                                  "int8", "int16", "int32", "int64", "uint8", "bool")})
+    return {**allowed, **_plain_globals()}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """pickle.Unpickler whose globals are real only for plain-data constructors and inert stand-ins otherwise."""
 
-    _allowed = None
+    _cache = {}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _allowed_globals()
+        if "with torch" not in self._cache:
+            self._cache["with torch"] = _allowed_globals()
+        self._allowed = self._cache["with torch"]
         self.foreign = {}  # 'module.qualname' -> stand-in class, for this file
 
     def _stand_in(self, name):
@@ -250,13 +265,151 @@ def _read_torch(path: Path) -> FileContent:
     return FileContent(obj, "torch zip" if is_zip else "torch legacy", sorted(foreign))
 
 
-def read_file(path) -> FileContent:
-    """Load a checkpoint file without executing anything it contains; a UserError when it cannot be read."""
+# ---- shapes only ---------------------------------------------------------------------------------------
+
+class TensorInfo:
+    """A tensor's shape and dtype, without its data."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def __repr__(self):
+        return f"TensorInfo({self.shape}, {self.dtype})"
+
+
+def is_tensor(value) -> bool:
+    """A torch tensor, or the TensorInfo that stands for one when only shapes were read."""
+    torch = sys.modules.get("torch")
+    return isinstance(value, TensorInfo) or (torch is not None and isinstance(value, torch.Tensor))
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.dtype = name[:-len("Storage")].lower() if name.endswith("Storage") else name
+
+    def __call__(self, *args, **kwargs):  # never called by a well-formed file: a storage comes by persistent id
+        raise ForeignCall(f"torch.{self.dtype}Storage")
+
+
+def _rebuild_tensor(storage, offset, size, *args, **kwargs):
+    return TensorInfo(size, storage.dtype)
+
+
+def _rebuild_parameter(data, *args, **kwargs):
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    return func(*args)
+
+
+_SHAPE_GLOBALS = {"torch._utils._rebuild_tensor": _rebuild_tensor, "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+                  "torch._utils._rebuild_parameter": _rebuild_parameter,
+                  "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+                  "torch._tensor._rebuild_from_type_v2": _rebuild_from_type, "torch.Size": tuple}
+
+
+class _ShapeUnpickler(RestrictedUnpickler):
+    """The same rules, with torch's tensor rebuilding replaced by TensorInfo (torch is not imported)."""
+
+    def __init__(self, *args, **kwargs):
+        pickle.Unpickler.__init__(self, *args, **kwargs)
+        if "plain" not in self._cache:
+            self._cache["plain"] = _plain_globals()
+        self._allowed = self._cache["plain"]
+        self.foreign = {}
+
+    def find_class(self, module, name):
+        full = f"{module}.{name}"
+        if full in _SHAPE_GLOBALS:
+            return _SHAPE_GLOBALS[full]
+        if module in ("torch", "torch.storage") and name.endswith("Storage"):
+            return _StorageType(name)
+        if module == "torch" and name.isidentifier() and name.islower() and not name.startswith("_"):
+            return f"torch.{name}"  # dtypes, layouts: named, never called
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
+            raise pickle.UnpicklingError("unknown persistent id")
+        return pid[1]  # the storage type, whose dtype the tensor takes
+
+
+def _read_torch_shapes(path: Path) -> FileContent:
+    if zipfile.is_zipfile(path):
+        _refuse_torchscript(path)
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1)
+            unpickler = _ShapeUnpickler(io.BytesIO(z.read(name)), encoding="latin1")
+            obj = unpickler.load()
+        return FileContent(obj, "torch zip", sorted(unpickler.foreign))
+    with open(path, "rb") as f:  # legacy: magic number, protocol, system info, then the object; storages follow
+        head = [_ShapeUnpickler(f, encoding="latin1").load() for _ in range(3)]
+        if head[0] != 0x1950A86A20F9469CFC6C:
+            raise ValueError("not a torch file")
+        unpickler = _ShapeUnpickler(f, encoding="latin1")
+        obj = unpickler.load()
+    return FileContent(obj, "torch legacy", sorted(unpickler.foreign))
+
+
+def _safetensors_shapes(path: Path) -> FileContent:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return FileContent({k: TensorInfo(v["shape"], v["dtype"]) for k, v in header.items() if k != "__metadata__"},
+                       "safetensors")
+
+
+def _arrays_to_info(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _arrays_to_info(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_arrays_to_info(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
+        return TensorInfo(obj.shape, str(obj.dtype))
+    return obj
+
+
+def _read_shapes(path: Path) -> FileContent:
+    """Shapes only, or None when this path cannot tell (the full reader then decides)."""
+    try:
+        if path.suffix == ".safetensors":
+            return _safetensors_shapes(path)
+        if path.suffix == ".pkl":
+            unpickler = _ShapeUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1")
+            return FileContent(_arrays_to_info(unpickler.load()), "pickle", sorted(unpickler.foreign))
+        return _read_torch_shapes(path)
+    except ForeignCall as e:
+        raise UserError(f"checkpoint {path} would call {e.name} while loading; {SAFETY}") from None
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - the full reader gives the verdict on anything unusual
+        return None
+
+
+def read_file(path, shapes_only=False) -> FileContent:
+    """Load a checkpoint file without executing anything it contains; a UserError when it cannot be read.
+    shapes_only: tensors as TensorInfo, their data unread, torch not imported (when the file allows)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (give a file, or --ckpt random)")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
+    if shapes_only:
+        content = _read_shapes(path)
+        if content is not None:
+            return content
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -9,8 +9,6 @@ average-pool downsampling; `resnet50c` without the latter).
 import re
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from core.cli import UserError
 
 
@@ -191,18 +189,21 @@ def infer_stem(state_dict) -> str:
     return "3x3" if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) == (3, 3) else "torchvision"
 
 
-def small_image_stem(model: nn.Module, maxpool: bool = True, padding: int = 1) -> nn.Module:
+def small_image_stem(model, maxpool: bool = True, padding: int = 1):
     """conv1 replaced by a 3x3 stride-1 convolution without bias, as the ResNets of W-MSE (`get_model`: every
     dataset but ImageNet, padding 1; max-pool kept for STL-10, removed for CIFAR) and solo-learn's CIFAR models
     (`BaseMethod.__init__`: padding 2, max-pool removed)."""
+    import torch.nn as nn
+
     model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=padding, bias=False)
     if not maxpool:
         model.maxpool = nn.Identity()
     return model
 
 
-def _widened(depth: int, w: int) -> nn.Module:
+def _widened(depth: int, w: int):
     """torchvision's ResNet with every width, the stem's included, multiplied by w (SimCLR's resnet50x2 ...)."""
+    import torch.nn as nn
     from torchvision.models.resnet import Bottleneck, ResNet
 
     layers = LAYERS[depth]
@@ -219,11 +220,13 @@ def is_torchvision_arch(arch: str) -> bool:
     return arch in TORCHVISION_RESNETS.values() or WIDENED.fullmatch(arch) is not None
 
 
-def build_backbone(arch: str, stem: str = "torchvision", maxpool: bool = True, stem_padding: int = 1) -> nn.Module:
+def build_backbone(arch: str, stem: str = "torchvision", maxpool: bool = True, stem_padding: int = 1):
     """A ResNet without its classifier: forward() returns globally pooled last-stage features.
 
     stem '3x3' (torchvision-style ResNets): the small-image stem of `small_image_stem`; stem 'deep' goes with
     timm's deep-stem architectures; maxpool False removes the stem's max-pool."""
+    import torch.nn as nn
+
     if stem not in STEMS:
         raise UserError(f"stem must be one of {', '.join(STEMS)}, not {stem!r}")
     widened = WIDENED.fullmatch(arch)
@@ -251,7 +254,7 @@ def build_backbone(arch: str, stem: str = "torchvision", maxpool: bool = True, s
     return model
 
 
-def load_into(model: nn.Module, state_dict: dict, arch: str) -> None:
+def load_into(model, state_dict: dict, arch: str) -> None:
     """Strict loading: every backbone weight must be present with its shape (BN step counters aside)."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]

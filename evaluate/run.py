@@ -174,6 +174,8 @@ def describe_checkpoint(checkpoint, arch, device, say):
 
 
 def main(argv=None) -> int:
+    if "--inspect" in (sys.argv[1:] if argv is None else argv):
+        return inspect_main(sys.argv[1:] if argv is None else argv)
     from backbones.checkpoints import make_encoder, resolve_settings
     from core import distributed
     from core.settings import as_record
@@ -182,8 +184,6 @@ def main(argv=None) -> int:
     from results.report import write_report
     from tasks.context import RunContext
 
-    if "--inspect" in (sys.argv[1:] if argv is None else argv):
-        return inspect_main(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     tasks = select_tasks(args.task)
     checkpoint_values, overrides = split_settings(parse_overrides(args.overrides, tasks))

@@ -3,6 +3,7 @@ taken, identical tensors and features, the same kNN metric as the same weights i
 read without running anything; bad files refused with one sentence."""
 import json
 import pickle
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from core.cli import UserError
 from evaluate.convert import cli as convert_cli
 from evaluate.run import cli as run_cli
 from tests.release_layouts import LAYOUTS, NONE, RESNET50_LAYOUTS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,8 @@ def test_layout_loads_as_its_project_evaluates_it(saved, name):
     assert info.chosen_because and info.sha256 and info.scheme
     if len(info.candidates) > 1:
         assert info.part is not None  # the name that sets the chosen network apart
+    # --inspect reads shapes only, through the same rules, and must come to the same choice
+    assert f"would use: {info.key} ({info.chosen_because})" in inspect_lines(saved[name].path)
 
 
 @pytest.mark.parametrize("name", list(RESNET50_LAYOUTS))
@@ -209,6 +214,23 @@ def test_inspect_lists_every_candidate_and_the_choice(saved, saved50, capsys):
     lines = inspect_lines(path)
     took = time.perf_counter() - started
     assert took < 1.0 and any("resnet50" in line for line in lines), took
+
+
+def test_inspect_reads_no_tensor_data_and_imports_no_torch(saved50, saved, tmp_path):
+    code = ("import sys; from evaluate.run import cli; code = cli(['--inspect', sys.argv[1]]); "
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    for path in (saved50["simclr-v2"].path, saved["mmselfsup"].path, saved["detectron2-pkl"].path):
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.endswith("torch not imported\n"), proc.stdout + proc.stderr
+        assert "would use:" in proc.stdout
+
+
+def test_inspect_refuses_code_too(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(2), "x": _Evil(str(marker))}, tmp_path / "evil.pth")
+    assert run_cli(["--inspect", str(tmp_path / "evil.pth")]) == 2
+    assert "refused for safety" in capsys.readouterr().err and not marker.exists()
 
 
 def test_inspect_of_an_incomplete_file_names_the_closest_candidates(saved, tmp_path, capsys):
