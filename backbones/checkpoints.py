@@ -137,6 +137,9 @@ def dropped_groups(obj, chosen: Candidate) -> dict:
     depth = chosen.prefix.count(".")
     out = {}
     for path, d in tensor_dicts(obj):
+        common = 0
+        while common < min(len(path), len(chosen.container)) and path[common] == chosen.container[common]:
+            common += 1
         for k, v in d.items():
             if not isinstance(k, str) or not hasattr(v, "shape") or (path == chosen.container and k in taken):
                 continue
@@ -145,8 +148,10 @@ def dropped_groups(obj, chosen: Candidate) -> dict:
             parts = k.split(".")
             head = parts[:depth + 1] if path == chosen.container and k.startswith(chosen.prefix) else \
                 parts[:max(1, depth)]
-            names = [str(p) for p in path] + head if len(path) <= 1 else [str(p) for p in path[:2]]
-            group = ".".join(names)
+            # beside the chosen network: container and names; further away: the container one level below
+            # what it shares with the chosen one (optimizer, classy_state_dict.base_model.model.heads)
+            names = list(path) + head if len(path) <= common + 1 else list(path[:common + 1])
+            group = ".".join(map(str, names))
             out[group] = out.get(group, 0) + 1
     return dict(sorted(out.items()))
 
@@ -316,6 +321,8 @@ def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None, 
             raise UserError("--ckpt random has no file: drop --ckpt-format, --ckpt-key and --ckpt-part")
         arch = arch or "resnet50"
         settings = settings or InputSettings()
+        if settings.stem_padding is not None:
+            raise UserError("--set stem_padding applies to 3x3 stems, and a random encoder has torchvision's")
         torch.manual_seed(seed)
         stem = "deep" if arch in TIMM_DEEP else "torchvision"
         maxpool = True if settings.maxpool is None else settings.maxpool

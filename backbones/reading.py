@@ -428,11 +428,24 @@ def read_file(path, shapes_only=False) -> FileContent:
         raise _unreadable(path) from None
 
 
-def plain(obj, depth=0):
+def plain(obj, _memo=None, _depth=0):
     """Metadata as plain Python for reading: stand-ins become the dict of what they hold (OmegaConf nodes their
-    value), tuples lists; tensors and arrays are left as they are."""
-    if depth > 30:
+    value), tuples lists; tensors and arrays are left as they are. Shared and cyclic references are converted
+    once (a cycle ends in None), so that a crafted file cannot make this walk explode."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if _depth > 50:
         return None
+    if isinstance(obj, (str, bytes, int, float, bool, type(None))) or is_tensor(obj):
+        return obj
+    memo[id(obj)] = None  # a reference back to an object being converted
+    out = _plain(obj, memo, _depth + 1)
+    memo[id(obj)] = out
+    return out
+
+
+def _plain(obj, memo, depth):
     name = foreign_name(obj)
     if name is not None and not isinstance(obj, type):
         held = obj._foreign
@@ -440,20 +453,20 @@ def plain(obj, depth=0):
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
             state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
         if isinstance(state, dict) and "_content" in state:  # OmegaConf DictConfig / ListConfig
-            return plain(state["_content"], depth + 1)
+            return plain(state["_content"], memo, depth)
         if isinstance(state, dict) and "_val" in state:  # OmegaConf value node
-            return plain(state["_val"], depth + 1)
+            return plain(state["_val"], memo, depth)
         if held["items"]:
-            return {k: plain(v, depth + 1) for k, v in held["items"].items()}
+            return {k: plain(v, memo, depth) for k, v in held["items"].items()}
         if held["list"]:
-            return [plain(v, depth + 1) for v in held["list"]]
+            return [plain(v, memo, depth) for v in held["list"]]
         if isinstance(state, dict):
-            return {k: plain(v, depth + 1) for k, v in state.items()}
-        return {"args": plain(list(held["args"]), depth + 1)}
+            return {k: plain(v, memo, depth) for k, v in state.items()}
+        return {"args": plain(list(held["args"]), memo, depth)}
     if isinstance(obj, argparse.Namespace):
-        return {k: plain(v, depth + 1) for k, v in vars(obj).items()}
+        return {k: plain(v, memo, depth) for k, v in vars(obj).items()}
     if isinstance(obj, dict):
-        return {k: plain(v, depth + 1) for k, v in obj.items()}
+        return {k: plain(v, memo, depth) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [plain(v, depth + 1) for v in obj]
+        return [plain(v, memo, depth) for v in obj]
     return obj

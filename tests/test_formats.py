@@ -90,6 +90,29 @@ def test_choices_follow_each_projects_evaluation_code(saved):
     assert "momentum_backbone" not in solo.key and len(solo.candidates) == 2
 
 
+def test_lightning_checkpoint_without_its_version_key(saved, tmp_path):
+    """Lightning checkpoints are recognised by their structure, not by pytorch-lightning_version."""
+    ckpt = torch.load(saved["lightly-byol"].path, weights_only=False)  # a file this test wrote itself
+    del ckpt["pytorch-lightning_version"]
+    torch.save(ckpt, tmp_path / "no_version.ckpt")
+    info = load_checkpoint(tmp_path / "no_version.ckpt")
+    assert (info.format, info.key) == ("lightly", "state_dict/backbone")
+    assert "state_dict.teacher_backbone" in info.dropped and "state_dict.online_classifier" in info.dropped
+
+
+def test_cyclic_metadata_is_read_in_bounded_time(saved, tmp_path):
+    shared = []
+    for _ in range(40):
+        shared = [shared, shared]  # 2**40 paths through 40 objects
+    loop = {}
+    loop["self"] = loop
+    torch.save({"state_dict": saved["torchvision"].tensors, "meta": {"x": shared, "loop": loop}},
+               tmp_path / "cyclic.pth")
+    started = time.perf_counter()
+    info = load_checkpoint(tmp_path / "cyclic.pth")
+    assert info.key == "state_dict" and time.perf_counter() - started < 30
+
+
 def test_ckpt_key_and_part_override(saved):
     student = load_checkpoint(saved["dino"].path, part="student")
     assert student.key == "student/module.backbone" and student.part == "student"
