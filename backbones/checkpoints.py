@@ -95,7 +95,7 @@ def no_resnet_error(path, content: FileContent, candidates) -> UserError:
     return UserError(f"checkpoint {path} holds no complete ResNet; the closest: {_closest(candidates)}")
 
 
-def choose(path, obj, fits, release, key=None):
+def choose(path, fits, release, key=None):
     """(chosen candidate, why)."""
     if key is not None:
         chosen = [c for c in fits if matches_key(c, key)]
@@ -274,7 +274,7 @@ def _resolve(path, content, candidates, fits, format_name, key, settings, with_s
         raise no_resnet_error(path, content, candidates)
     obj = content.obj
     release = _forced_release(format_name, obj, fits) if format_name else recognise(obj, fits)
-    chosen, why = choose(path, obj, fits, release, key)
+    chosen, why = choose(path, fits, release, key)
     notes = dict(release.notes) if release else {}
     maxpool, padding = _stem_settings(chosen.spec, release, obj, path, settings, notes)
     norm, norm_text = _normalization(settings.normalize, release)
@@ -282,12 +282,15 @@ def _resolve(path, content, candidates, fits, format_name, key, settings, with_s
              for k, v in chosen.state.items()}
     changed = {k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)}
     return Checkpoint(
-        state, str(path.resolve()), sha256_of(path) if with_sha else None, release.name if release else chosen.scheme.name,
-        distinguishing_part(chosen, [c for c in fits if c is not chosen]), dropped_groups(obj, chosen), norm, notes,
-        pretraining_settings(path, obj), chosen.spec.stem, maxpool, padding, chosen.location, chosen.prefix,
-        chosen.scheme.name, chosen.arch, release.project if release else None, why, norm_text,
-        [{"location": c.location, "scheme": c.scheme.name, "arch": c.arch, "parameters": c.parameters}
-         for c in fits], content.foreign, changed)
+        state_dict=state, path=str(path.resolve()), sha256=sha256_of(path) if with_sha else None,
+        format=release.name if release else chosen.scheme.name,
+        part=distinguishing_part(chosen, [c for c in fits if c is not chosen]), dropped=dropped_groups(obj, chosen),
+        input_normalization=norm, notes=notes, pretraining=pretraining_settings(path, obj), stem=chosen.spec.stem,
+        maxpool=maxpool, stem_padding=padding, key=chosen.location, prefix=chosen.prefix, scheme=chosen.scheme.name,
+        arch=chosen.arch, project=release.project if release else None, chosen_because=why, normalization=norm_text,
+        candidates=[{"location": c.location, "scheme": c.scheme.name, "arch": c.arch, "parameters": c.parameters}
+                    for c in fits],
+        foreign=content.foreign, settings=changed)
 
 
 def pretraining_settings(path: Path, obj) -> dict:

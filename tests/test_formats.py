@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from backbones.checkpoints import inspect_lines, load_checkpoint, make_encoder, resolve_settings
 from backbones.reading import Foreign, read_file
