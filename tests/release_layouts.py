@@ -66,27 +66,15 @@ def perturbed(module, seed=99):
     return other
 
 
-def mlp(dims, bn=True, last_bias=True, last_bn=None):
+def mlp(dims, last_bias=True):
+    """Linear, BatchNorm1d, ReLU, ..., Linear: the projectors of Barlow Twins, VICReg, BYOL-style methods."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
         layers.append(nn.Linear(a, b, bias=last_bias or not last))
         if not last:
-            layers += [nn.BatchNorm1d(b), nn.ReLU()] if bn else [nn.ReLU()]
-    if last_bn is not None:
-        layers.append(last_bn)
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
     return nn.Sequential(*layers)
-
-
-class Pooled(nn.Module):
-    """A feature map module followed by global average pooling and flattening."""
-
-    def __init__(self, body):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return self.body(x).mean(dim=(2, 3))
 
 
 # ---- MoCo v1/v2 (facebookresearch/moco moco/builder.py MoCo; main_moco.py save_checkpoint) -------------------
