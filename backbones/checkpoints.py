@@ -1,26 +1,37 @@
 """Checkpoint files -> a ResNet backbone, strictly and safely.
 
-A checkpoint file is untrusted: pickles load with `weights_only=True` only, safetensors need no
-pickle at all. A *format* knows how one lab's release lays out its weights; it says whether a loaded
-object is of its kind and returns the plain torchvision backbone state dict (no `fc`), plus what it
-dropped and the input normalisation the weights expect. Formats live in `FORMATS`; a new release
-format is one more entry there.
+A file is read without running anything in it (`backbones.reading`), its ResNets are found by structure
+(`backbones.discovery`), one is chosen by the convention of the project that saved it (`backbones.releases`)
+or by `--ckpt-key`, and the record says which, why, under which names, and how the input is prepared.
 """
-import argparse
-import io
-import pickle
-import re
-import warnings
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
-import torch
-
-from backbones.formats import FORMAT_NAMES, FORMATS
-from backbones.resnet import build_backbone, infer_arch, infer_stem, load_into, summarise_keys
+from backbones.discovery import (Candidate, distinguishing_part, find_candidates, is_momentum_copy, matches_key,
+                                 same_tensors, tensor_dicts)
+from backbones.reading import FileContent, foreign_name, plain, read_file
+from backbones.releases import NO_NORMALIZATION, RELEASE_NAMES, by_name, recognise
+from backbones.resnet import STEM_NAMES, TIMM_DEEP, build_backbone, infer_arch, load_into, summarise_keys  # noqa: F401
 from core.cli import UserError
 from core.files import sha256_of
+from core.settings import setting
+
+CIFAR = ("cifar10", "cifar100", "cifar-10", "cifar-100")
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How the chosen weights are run, where the file alone may not say (`--set KEY=VALUE` of evaluate/run.py)."""
+
+    normalize: str = setting("auto", "auto: the release's own where it differs from the task's (SimCLR v1/v2 "
+                                     "conversions: none, RGB in [0, 1]), else each task's protocol mean/std; or "
+                                     "imagenet, none, 'mean,std' or 'm1,m2,m3,s1,s2,s3'")
+    maxpool: Optional[bool] = setting(None, "auto (none): the stem's max-pool is kept unless the file's metadata (or "
+                                            "its project's code) says the model is a CIFAR one; true or false")
+    stem_padding: Optional[int] = setting(None, "auto (none): padding of a 3x3 stem, 2 for solo-learn "
+                                                "(solo/methods/base.py), 1 otherwise (W-MSE model.py); 1 or 2")
 
 
 @dataclass
@@ -30,124 +41,256 @@ class Checkpoint:
     state_dict: dict
     path: str
     sha256: str
-    format: str
-    part: str = None
-    dropped: dict = field(default_factory=dict)  # group -> number of keys dropped
-    input_normalization: tuple = None  # (mean, std) the weights expect, when the format says so
+    format: str  # the release that saved it (backbones.releases), or the naming scheme when none is known
+    part: str = None  # the name that sets the chosen network apart from the file's others ('teacher', 'online')
+    dropped: dict = field(default_factory=dict)  # group -> number of tensors not taken
+    input_normalization: tuple = None  # (mean, std) the weights expect, when not the task protocol's
     notes: dict = field(default_factory=dict)
     pretraining: dict = None  # this suite's pretraining settings, when the checkpoint carries them
     stem: str = "torchvision"  # backbones.resnet.STEMS
     maxpool: bool = True
+    stem_padding: int = 1
+    key: str = None  # location of the chosen ResNet in the file (container path / prefix)
+    prefix: str = None
+    scheme: str = None
+    arch: str = None
+    project: str = None
+    chosen_because: str = None
+    normalization: str = "the task protocol's mean/std"
+    candidates: list = field(default_factory=list)  # every fitting ResNet: location, scheme, arch, parameters
+    foreign: list = field(default_factory=list)  # classes and functions read as inert placeholders
+    settings: dict = field(default_factory=dict)  # --set values that changed how the weights run
 
     @property
     def cache_id(self) -> str:
-        return self.sha256 or self.path
+        """What the features of this encoder depend on besides the transform: file, network taken, stem."""
+        if not self.sha256:
+            return self.path
+        return f"{self.sha256}|{self.key}|{self.stem}|{self.maxpool}|{self.stem_padding}"
 
     def describe(self) -> dict:
         """The record's `checkpoint` section."""
-        return {"path": self.path, "sha256": self.sha256, "format": self.format, "part": self.part,
-                "dropped": self.dropped, "input_normalization": self.input_normalization, "notes": self.notes,
-                "pretraining": self.pretraining, "stem": self.stem, "maxpool": self.maxpool}
+        return {"path": self.path, "sha256": self.sha256, "format": self.format, "project": self.project,
+                "key": self.key, "prefix": self.prefix, "scheme": self.scheme, "arch": self.arch,
+                "part": self.part, "chosen_because": self.chosen_because, "candidates": self.candidates,
+                "stem": self.stem, "maxpool": self.maxpool, "stem_padding": self.stem_padding,
+                "normalization": self.normalization, "input_normalization": self.input_normalization,
+                "dropped": self.dropped, "notes": self.notes, "foreign": self.foreign, "settings": self.settings,
+                "pretraining": self.pretraining}
 
 
-# Plain-data classes that some releases pickle beside their tensors (DINO saves its argparse
-# arguments); unpickling them only sets attributes, it runs no code of the file's choosing.
-SAFE_GLOBALS = [argparse.Namespace]
+# ---- which ResNet --------------------------------------------------------------------------------------
 
-# The globals a Detectron2 .pkl (a plain pickle of numpy arrays) needs, and nothing else.
-PLAIN_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-}
+def _closest(candidates, limit=3):
+    best = sorted(candidates, key=lambda c: -c.score())[:limit]
+    return "; ".join(f"{c.location} ({c.scheme.name} names{', ' + c.arch if c.arch else ''}) lacks "
+                     f"{', '.join(c.problems)}" for c in best)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in PLAIN_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        return super().find_class(module, name)
+def no_resnet_error(path, content: FileContent, candidates) -> UserError:
+    if not candidates:
+        return UserError(f"checkpoint {path} holds no ResNet in a known naming scheme (no tensor is named like a "
+                         f"residual block's first convolution; top-level keys: {summarise_keys(content.obj)}); this "
+                         "suite evaluates ResNet encoders")
+    return UserError(f"checkpoint {path} holds no complete ResNet; the closest: {_closest(candidates)}")
 
 
-def _load_plain_pickle(path: Path):
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        if "is not allowed" in str(e):
-            raise UserError(f"checkpoint {path} needs code beyond numpy arrays and plain containers to load "
-                            f"({str(e).split()[1]}); refused for safety, since checkpoints are untrusted files")
-        raise UserError(f"checkpoint {path} is not a readable pickle (truncated or not a checkpoint)")
-    except Exception:  # noqa: BLE001 - any failure of an untrusted file is the file's fault
-        raise UserError(f"checkpoint {path} is not a readable pickle (truncated or not a checkpoint)")
-    return _numpy_to_torch(obj)
+def choose(path, fits, release, key=None):
+    """(chosen candidate, why)."""
+    if key is not None:
+        chosen = [c for c in fits if matches_key(c, key)]
+        if len(chosen) != 1:
+            listed = ", ".join(c.location for c in (chosen or fits))
+            raise UserError(f"--ckpt-key {key!r} {'matches several' if chosen else 'matches none'} of the ResNets in "
+                            f"checkpoint {path} ({listed}); give one of these locations")
+        return chosen[0], f"chosen with --ckpt-key {key}"
+    if len(fits) == 1:
+        return fits[0], "the only ResNet in the file"
+    if release is not None and release.evaluates is not None:
+        chosen = [c for c in fits if release.evaluates(c)]
+        if len(chosen) == 1:
+            return chosen[0], release.why
+    online = [c for c in fits if not is_momentum_copy(c)]
+    if len(online) == 1:
+        others = [c.location for c in fits if c is not online[0]]
+        return online[0], (f"the online network; {', '.join(others)} {'is' if len(others) == 1 else 'are'} named "
+                           "as momentum (moving-average) copies")
+    if all(same_tensors(fits[0], c) for c in fits[1:]):
+        return fits[0], "the file's ResNets hold the same tensors"
+    raise UserError(f"checkpoint {path} holds {len(fits)} ResNets ({', '.join(c.location for c in fits)}) and "
+                    "nothing in it says which one its project evaluates; choose one with --ckpt-key")
 
 
-def _numpy_to_torch(obj):
+def _forced_release(name, obj, fits):
+    releases = by_name(name)
+    if not releases:
+        raise UserError(f"unknown checkpoint format {name!r}; known formats: {', '.join(RELEASE_NAMES)}")
+    for r in releases:
+        if r.detect(obj, fits) or r.evaluates is None or any(r.evaluates(c) for c in fits):
+            return r
+    raise UserError(f"the checkpoint is not laid out as format {name!r} ({releases[0].project})")
+
+
+def dropped_groups(obj, chosen: Candidate) -> dict:
+    """Tensors of the file not taken, counted by where they sit (container, then names as deep as the prefix)."""
+    taken = set(chosen.keys)
+    depth = chosen.prefix.count(".")
+    out = {}
+    for path, d in tensor_dicts(obj):
+        common = 0
+        while common < min(len(path), len(chosen.container)) and path[common] == chosen.container[common]:
+            common += 1
+        for k, v in d.items():
+            if not isinstance(k, str) or not hasattr(v, "shape") or (path == chosen.container and k in taken):
+                continue
+            if v.ndim == 0 and not k.endswith("num_batches_tracked"):
+                continue  # a scalar beside the weights (MoCo's best_acc1), not a weight
+            parts = k.split(".")
+            head = parts[:depth + 1] if path == chosen.container and k.startswith(chosen.prefix) else \
+                parts[:max(1, depth)]
+            # beside the chosen network: container and names; further away: the container one level below
+            # what it shares with the chosen one (optimizer, classy_state_dict.base_model.model.heads)
+            names = list(path) + head if len(path) <= common + 1 else list(path[:common + 1])
+            group = ".".join(map(str, names))
+            out[group] = out.get(group, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ---- how to run it -------------------------------------------------------------------------------------
+
+def metadata_dataset(obj, path: Path):
+    """(dataset name, where) from the file's own metadata (Lightning hyper_parameters, argparse args, configs),
+    or from solo-learn's args.json beside it (solo/utils/checkpointer.py save_args); (None, None) if none."""
+    def search(node, where, depth=0):
+        if depth > 12:
+            return None
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "dataset" and isinstance(v, str):
+                    return v, f"{where}.{k}"
+            for k, v in node.items():
+                if isinstance(v, (dict, list)) and not (isinstance(v, dict) and any(hasattr(x, "shape")
+                                                                                     for x in v.values())):
+                    found = search(v, f"{where}.{k}", depth + 1)
+                    if found:
+                        return found
+        elif isinstance(node, list):
+            for i, v in enumerate(node[:50]):
+                found = search(v, f"{where}[{i}]", depth + 1)
+                if found:
+                    return found
+        return None
+
     if isinstance(obj, dict):
-        return {k: _numpy_to_torch(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    return obj
-
-
-# ---- reading files ----------------------------------------------------------------------------
-
-def read_file(path: Path):
-    """Load a checkpoint file without executing anything it contains."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist (give a file, or --ckpt random)")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        meta = {k: plain(v) for k, v in obj.items() if not (isinstance(v, dict) and any(
+            hasattr(x, "shape") for x in v.values()))}
+        found = search(meta, "file")
+        if found:
+            return found
+    sidecar = path.parent / "args.json"
+    if sidecar.is_file():
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"checkpoint {path} is not a readable safetensors file ({e})")
-    if path.suffix == ".pkl":
-        return _load_plain_pickle(path)
+            found = search(json.loads(sidecar.read_text()), sidecar.name)
+        except (OSError, ValueError):
+            found = None
+        if found:
+            return found
+    return None, None
+
+
+def _normalization(value: str, release):
+    """(mean, std) or None (the task's), and the record's description."""
+    if value == "auto":
+        if release is not None and release.normalization is not None:
+            return release.normalization, f"{_describe_norm(release.normalization)}: {release.normalization_source}"
+        return None, "the task protocol's mean/std"
+    if value == "imagenet":
+        from datasets.views import IMAGENET_MEAN, IMAGENET_STD
+
+        return (IMAGENET_MEAN, IMAGENET_STD), "ImageNet mean/std (--set normalize=imagenet)"
+    if value == "none":
+        return NO_NORMALIZATION, "none, RGB in [0, 1] (--set normalize=none)"
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the file is judged below
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            needed = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(e))
-            what = f" ({needed.group(1)})" if needed else ""
-            raise UserError(f"checkpoint {path} needs code beyond tensors and plain containers to load{what}; "
-                            "refused for safety, since checkpoints are untrusted files (if you trust it, re-save "
-                            "its state dict alone with torch.save)")
-        raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
-    except Exception:  # an untrusted file can break the unpickler in any way (IndexError, KeyError, ...)
-        raise UserError(f"checkpoint {path} is not a readable checkpoint (truncated or not a PyTorch file)")
+        numbers = [float(x) for x in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 6):
+        raise UserError(f"--set normalize={value}: give auto, imagenet, none, 'mean,std' or 'm1,m2,m3,s1,s2,s3'")
+    mean, std = (tuple(numbers[:1] * 3), tuple(numbers[1:] * 3)) if len(numbers) == 2 else \
+        (tuple(numbers[:3]), tuple(numbers[3:]))
+    if any(s <= 0 for s in std):
+        raise UserError(f"--set normalize={value}: the standard deviations must be positive")
+    return (mean, std), f"mean {mean}, std {std} (--set normalize={value})"
 
 
-def load_checkpoint(path, format_name=None, part=None) -> Checkpoint:
-    path = Path(path)
-    obj = read_file(path)
-    if format_name is not None:
-        matches = [f for f in FORMATS if f.name == format_name]
-        if not matches:
-            raise UserError(f"unknown checkpoint format {format_name!r}; known formats: {', '.join(FORMAT_NAMES)}")
-        if not matches[0].detect(obj):
-            raise UserError(f"checkpoint {path} is not laid out as format {format_name!r} ({matches[0].describe})")
-    else:
-        matches = [f for f in FORMATS if f.auto and f.detect(obj)]
-        if not matches:
-            raise UserError(f"checkpoint {path} is not in a known ResNet format (top-level keys: "
-                            f"{summarise_keys(obj)}); known formats: {', '.join(FORMAT_NAMES)}")
-        if len(matches) > 1:
-            raise UserError(f"checkpoint {path} could be any of the formats {', '.join(f.name for f in matches)}; "
-                            "choose one with --ckpt-format")
-    fmt = matches[0]
-    state_dict, taken, dropped = fmt.extract(obj, part)
-    if not state_dict:
-        raise UserError(f"checkpoint {path} (format {fmt.name}) holds no backbone weights")
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    return Checkpoint(state_dict, str(path.resolve()), sha256_of(path), fmt.name, taken, dropped,
-                      fmt.input_normalization, dict(fmt.notes), pretraining_settings(path, obj))
+def _describe_norm(norm):
+    return "none, RGB in [0, 1]" if norm == NO_NORMALIZATION else f"mean {norm[0]}, std {norm[1]}"
+
+
+def _stem_settings(spec, release, obj, path, settings: InputSettings, notes: dict):
+    """(max-pool, 3x3 stem padding) and why."""
+    dataset, where = metadata_dataset(obj, path)
+    cifar = isinstance(dataset, str) and dataset.lower() in CIFAR
+    maxpool, padding, why = True, 1, "kept"
+    if spec.stem == "3x3":
+        if release is not None and release.small_stem is not None:
+            maxpool, padding, why = release.small_stem
+        elif cifar:
+            maxpool, why = False, f"removed: the file's metadata says {where} = {dataset}, a CIFAR model"
+        else:
+            why = "kept (W-MSE's STL-10 and Tiny-ImageNet models keep it; --set maxpool=false for a CIFAR one)"
+    elif cifar:
+        notes["maxpool"] = (f"the metadata says {where} = {dataset}, but the stem is {spec.stem}'s; max-pool kept "
+                            "(--set maxpool=false if the model was trained without it)")
+    if settings.maxpool is not None:
+        maxpool, why = settings.maxpool, f"{'kept' if settings.maxpool else 'removed'} (--set maxpool)"
+    if settings.stem_padding is not None:
+        if settings.stem_padding not in (1, 2) or spec.stem != "3x3":
+            raise UserError("--set stem_padding applies to 3x3 stems only, and is 1 or 2")
+        padding = settings.stem_padding
+    notes["stem"] = f"{STEM_NAMES[spec.stem]}" + (f", padding {padding}" if spec.stem == "3x3" else "") + \
+        f"; max-pool {why}"
+    return maxpool, padding
+
+
+# ---- the entry points ----------------------------------------------------------------------------------
+
+def discover(path, shapes_only=False):
+    content = read_file(path, shapes_only)
+    candidates = find_candidates(content.obj)
+    return content, candidates, [c for c in candidates if c.fits]
+
+
+def load_checkpoint(path, format_name=None, part=None, key=None, settings: InputSettings = None) -> Checkpoint:
+    """Read `path`, find its ResNets, choose one, and say how to run it. `part` is the older name of `key`."""
+    if part is not None and key is not None and part != key:
+        raise UserError("give --ckpt-key or --ckpt-part, not both")
+    return _resolve(Path(path), *discover(path), format_name, key if key is not None else part, settings)
+
+
+def _resolve(path, content, candidates, fits, format_name, key, settings, with_sha=True) -> Checkpoint:
+    settings = settings or InputSettings()
+    if not fits:
+        raise no_resnet_error(path, content, candidates)
+    obj = content.obj
+    release = _forced_release(format_name, obj, fits) if format_name else recognise(obj, fits)
+    chosen, why = choose(path, fits, release, key)
+    notes = dict(release.notes) if release else {}
+    maxpool, padding = _stem_settings(chosen.spec, release, obj, path, settings, notes)
+    norm, norm_text = _normalization(settings.normalize, release)
+    state = {k: v.float() if hasattr(v, "is_floating_point") and v.is_floating_point() else v
+             for k, v in chosen.state.items()}
+    changed = {k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)}
+    return Checkpoint(
+        state_dict=state, path=str(path.resolve()), sha256=sha256_of(path) if with_sha else None,
+        format=release.name if release else chosen.scheme.name,
+        part=distinguishing_part(chosen, [c for c in fits if c is not chosen]), dropped=dropped_groups(obj, chosen),
+        input_normalization=norm, notes=notes, pretraining=pretraining_settings(path, obj), stem=chosen.spec.stem,
+        maxpool=maxpool, stem_padding=padding, key=chosen.location, prefix=chosen.prefix, scheme=chosen.scheme.name,
+        arch=chosen.arch, project=release.project if release else None, chosen_because=why, normalization=norm_text,
+        candidates=[{"location": c.location, "scheme": c.scheme.name, "arch": c.arch, "parameters": c.parameters}
+                    for c in fits],
+        foreign=content.foreign, settings=changed)
 
 
 def pretraining_settings(path: Path, obj) -> dict:
@@ -171,20 +314,104 @@ def pretraining_settings(path: Path, obj) -> dict:
     return {k: config.get(k) for k in keys}
 
 
-def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None):
+def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None, key=None,
+                 settings: InputSettings = None):
     """`--ckpt` (a path or 'random') -> (backbone module in eval mode, Checkpoint, arch name)."""
+    import torch
+
     if ckpt_arg == "random":
-        if format_name or part:
-            raise UserError("--ckpt random has no file: drop --ckpt-format and --ckpt-part")
+        if format_name or part or key:
+            raise UserError("--ckpt random has no file: drop --ckpt-format, --ckpt-key and --ckpt-part")
         arch = arch or "resnet50"
+        settings = settings or InputSettings()
+        if settings.stem_padding is not None:
+            raise UserError("--set stem_padding applies to 3x3 stems, and a random encoder has torchvision's")
         torch.manual_seed(seed)
-        model = build_backbone(arch)
-        info = Checkpoint(None, "random", None, "random", dropped={})
-        info.path = f"random:{arch}:seed{seed}"
+        stem = "deep" if arch in TIMM_DEEP else "torchvision"
+        maxpool = True if settings.maxpool is None else settings.maxpool
+        model = build_backbone(arch, stem, maxpool)
+        norm, norm_text = _normalization(settings.normalize, None)
+        info = Checkpoint(None, f"random:{arch}:seed{seed}", None, "random", stem=stem, maxpool=maxpool,
+                          arch=arch, input_normalization=norm, normalization=norm_text,
+                          settings={k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)})
     else:
-        info = load_checkpoint(ckpt_arg, format_name, part)
-        arch = arch or infer_arch(info.state_dict)
-        info.stem = infer_stem(info.state_dict)
-        model = build_backbone(arch, info.stem, info.maxpool)
+        info = load_checkpoint(ckpt_arg, format_name, part, key, settings)
+        arch = arch or info.arch
+        model = build_backbone(arch, info.stem, info.maxpool, info.stem_padding)
         load_into(model, info.state_dict, arch)
     return model.eval(), info, arch
+
+
+# ---- --inspect -----------------------------------------------------------------------------------------
+
+def _value_summary(v) -> str:
+    name = foreign_name(v)
+    if name is not None:
+        return f"{name} (read as a placeholder)"
+    if hasattr(v, "shape"):
+        return f"tensor {tuple(v.shape)}"
+    if isinstance(v, dict):
+        tensors = sum(hasattr(x, "shape") for x in v.values())
+        return f"dict of {len(v)}" + (f" ({tensors} tensors)" if tensors else "")
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} of {len(v)}"
+    text = repr(v)
+    return text if len(text) <= 40 else f"{type(v).__name__} {text[:37]}..."
+
+
+def inspect_lines(path, format_name=None, key=None, settings: InputSettings = None) -> list:
+    """The lines `evaluate/run.py --inspect` prints: what was read, every ResNet found, which would be used."""
+    path = Path(path)
+    content, candidates, fits = discover(path, shapes_only=True)
+    obj = content.obj
+    size = path.stat().st_size
+    lines = [f"checkpoint: {path} ({size / 1e6:.1f} MB, {content.container})"]
+    if isinstance(obj, dict):
+        lines.append("top-level keys: " + "; ".join(f"{k}: {_value_summary(v)}" for k, v in list(obj.items())[:20])
+                     + (" ..." if len(obj) > 20 else ""))
+    if content.foreign:
+        lines.append("read as inert placeholders (never imported or run): " + ", ".join(content.foreign))
+    if not fits:
+        lines.append("ResNets found: none")
+        lines.append(str(no_resnet_error(path, content, candidates)))
+        for c in sorted(candidates, key=lambda c: -c.score())[:3]:
+            lines.append(f"  closest: {c.location}  {c.scheme.name} names  {c.spec.describe() if c.spec else '-'}  "
+                         f"{c.score():.0%} of the tensors; lacks {', '.join(c.problems)}")
+        return lines
+    lines.append(f"ResNets found ({len(fits)}):")
+    try:
+        info = _resolve(path, content, candidates, fits, format_name, key, settings, with_sha=False)
+    except UserError as e:
+        info, error = None, str(e)
+    for c in fits:
+        used = info is not None and c.location == info.key
+        lines.append(f"  {'*' if used else ' '} {c.location}  file path {'/'.join(map(str, c.container)) or '-'}, "
+                     f"prefix {c.prefix or '-'}, {c.scheme.name} names, {c.arch} ({c.spec.stem} stem), "
+                     f"{c.parameters / 1e6:.2f}M parameters")
+    if info is None:
+        lines.append(f"would use: none ({error})")
+        return lines
+    lines.append(f"would use: {info.key} ({info.chosen_because})")
+    lines.append(f"release: {info.format}" + (f" ({info.project})" if info.project else ""))
+    lines.append(f"stem: {info.notes['stem']}")
+    lines.append(f"input normalisation: {info.normalization}")
+    if info.dropped:
+        lines.append("not taken: " + ", ".join(f"{g} ({n})" for g, n in info.dropped.items()))
+    for k, note in info.notes.items():
+        if k != "stem":
+            lines.append(f"note ({k}): {note}")
+    if info.pretraining:
+        lines.append(f"this suite's pretraining settings: {info.pretraining}")
+    return lines
+
+
+def resolve_settings(values: dict) -> InputSettings:
+    """InputSettings with `--set` values (strings) applied through the one override parser."""
+    from core.settings import with_overrides
+
+    out = with_overrides(InputSettings(), values, "--set")
+    _normalization(out.normalize, None)  # a bad value stops the run before any work
+    return out
+
+
+SETTING_KEYS = tuple(InputSettings.__dataclass_fields__)

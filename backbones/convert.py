@@ -2,7 +2,7 @@
 import io
 import pickle
 
-from backbones.formats import torchvision_to_detectron2_key
+from backbones.schemes import torchvision_to_detectron2_key
 from core.cli import UserError
 from core.files import atomic_torch_save, atomic_write_bytes
 

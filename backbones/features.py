@@ -8,6 +8,7 @@ contiguous shard of the split and writes it beside the cache; rank 0 joins the s
 import hashlib
 
 import torch
+import torch.nn as nn
 
 from core import distributed
 from core.cli import UserError
@@ -15,6 +16,25 @@ from core.files import atomic_torch_save, cache_dir
 from core.progress import progress
 from datasets.decode import collate_readable, unreadable_error
 from datasets.views import EvalTransform
+
+
+class PooledTrunk(nn.Module):
+    """The last stage's feature map average-pooled with a fixed window and flattened: Goyal et al.'s res5
+    features (AvgPool2d(6, stride 1) on a 224 px input: 2 x 2 x 2048 = 8,192 values for a ResNet-50)."""
+
+    def __init__(self, backbone: nn.Module, kernel: int, stride: int):
+        super().__init__()
+        self.backbone, self.kernel, self.stride = backbone, kernel, stride
+
+    def trunk(self, x):
+        m = self.backbone
+        if hasattr(m, "forward_features"):  # timm
+            return m.forward_features(x)
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(self.trunk(x), self.kernel, self.stride).flatten(1)
 
 
 def autocast_dtype(device) -> torch.dtype:

@@ -47,14 +47,14 @@ def head_from_state_dict(state: dict) -> nn.Sequential:
 
 def find_projector(checkpoint_path):
     """(projector module in eval mode, where it came from) of a suite pretraining run, or (None, reason)."""
-    from backbones.checkpoints import read_file
+    from backbones.reading import read_file
 
     path = Path(checkpoint_path)
     if path.name != "last.pth":
         path = path.parent / "last.pth"
     if not path.is_file():
         return None, f"no pretraining checkpoint (last.pth) at {path.parent}"
-    obj = read_file(path)
+    obj = read_file(path).obj
     if not (isinstance(obj, dict) and obj.get("format") == SUITE_FORMAT and isinstance(obj.get("online"), dict)):
         return None, f"{path} is not a checkpoint of this suite's pretraining"
     prefix = "projector."

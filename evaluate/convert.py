@@ -2,10 +2,10 @@
 """Write any supported checkpoint as a torchvision state dict, a safetensors file, or a Detectron2 backbone.
 
     python evaluate/convert.py --ckpt moco_v2_800ep.pth.tar --to torchvision --out r50_moco.pth
-    python evaluate/convert.py --ckpt dino_full.pth --ckpt-part student --to safetensors --out r50.safetensors
+    python evaluate/convert.py --ckpt dino_full.pth --ckpt-key student --to safetensors --out r50.safetensors
     python evaluate/convert.py --ckpt r50_msbreg.pth --to detectron2 --out r50_msbreg.pkl
 
-The input is read as `evaluate/run.py` reads it (format detection, strict architecture check);
+The input is read as `evaluate/run.py` reads it (the ResNet found by structure, strict architecture check);
 outputs are written atomically. A Detectron2 file is a pickle of numpy arrays under 'model' with
 Detectron2's names (stem, res2-res5, shortcut, norms) and `matching_heuristics`, as MoCo's converter
 writes it; it takes RGB input normalised like torchvision's (set the detector's PIXEL_MEAN/STD).
@@ -27,15 +27,27 @@ def main(argv=None):
     p.add_argument("--to", required=True, choices=TARGETS)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--arch")
-    p.add_argument("--ckpt-format")
-    p.add_argument("--ckpt-part")
+    p.add_argument("--ckpt-key", help="which ResNet of the file (its location, as evaluate/run.py --inspect prints)")
+    p.add_argument("--ckpt-part", help="older name of --ckpt-key")
+    p.add_argument("--ckpt-format", help="treat the file as this project's release")
     args = p.parse_args(argv)
     if args.out.resolve() == Path(args.ckpt).resolve():
         raise UserError("--out must not overwrite the input checkpoint")
-    model, info, arch = make_encoder(args.ckpt, args.arch, format_name=args.ckpt_format, part=args.ckpt_part)
+    model, info, arch = make_encoder(args.ckpt, args.arch, format_name=args.ckpt_format, part=args.ckpt_part,
+                                     key=args.ckpt_key)
+    if args.to == "detectron2" and (info.stem != "torchvision" or not info.maxpool):
+        raise UserError(f"Detectron2's ResNet has torchvision's stem (7x7 convolution and max-pool), and this "
+                        f"checkpoint's is {info.notes.get('stem', info.stem)}; it cannot be written for Detectron2")
     write_backbone({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out, args.to)
-    print(f"{info.path} (format {info.format}{', part ' + info.part if info.part else ''}, {arch}) -> "
-          f"{args.out} ({args.to})")
+    print(f"{info.path} (format {info.format}, {info.key}, {arch}) -> {args.out} ({args.to})")
+    if info.stem == "3x3" and (not info.maxpool or info.stem_padding != 1):
+        print(f"note: this model's stem is {info.notes['stem']}; the weights alone do not say so: evaluate the "
+              f"converted file with --set maxpool={str(info.maxpool).lower()} --set stem_padding={info.stem_padding}")
+    if info.input_normalization is not None:
+        print(f"note: these weights expect input normalisation {info.normalization}; evaluate the converted file "
+              f"with --set normalize=" + ("none" if info.input_normalization == ((0.0,) * 3, (1.0,) * 3) else
+                                          ",".join(map(str, [*info.input_normalization[0],
+                                                             *info.input_normalization[1]]))))
     return 0
 
 

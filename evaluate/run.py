@@ -3,6 +3,7 @@
 
     python evaluate/run.py --ckpt r50.pth --task knn_in1k --data-root /data
     python evaluate/run.py --ckpt random --task all --demo
+    python evaluate/run.py --inspect moco_v2_800ep_pretrain.pth.tar     # what is in a file, what would be used
     torchrun --nproc_per_node 8 evaluate/run.py --ckpt r50.pth --task linear_places205 --data-root /data
 
 Exit codes: 0 done; 2 a mistake in the command or its inputs (one sentence says which); 1 a bug.
@@ -28,15 +29,28 @@ def task_table() -> str:
     return "\n".join(lines)
 
 
+CHECKPOINT_SET_HELP = ("checkpoint keys: normalize=auto|imagenet|none|MEAN,STD (input normalisation; auto: the "
+                       "release's own where known, else the task's), maxpool=true|false (keep the stem's max-pool), "
+                       "stem_padding=1|2 (of a 3x3 stem)")
+
+
+def add_checkpoint_options(p):
+    """The options that say which network of a file to take (shared with evaluate/convert.py)."""
+    p.add_argument("--arch", help="resnet18, resnet50, ... or a timm ResNet name (default: inferred from the weights; "
+                                  "resnet50 for --ckpt random)")
+    p.add_argument("--ckpt-key", help="which ResNet of the file to take, by its location as --inspect prints it "
+                                      "(e.g. teacher, module.encoder_k, state_dict/momentum_backbone)")
+    p.add_argument("--ckpt-part", help="older name of --ckpt-key (e.g. teacher, student, online, target)")
+    p.add_argument("--ckpt-format", help="treat the file as this project's release (its evaluation conventions), "
+                                         "instead of recognising it")
+
+
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=task_table())
     p.add_argument("--ckpt", required=True, help="checkpoint file, or 'random' for a randomly initialised encoder")
     p.add_argument("--task", required=True, help="task name, comma-separated names, or 'all'")
-    p.add_argument("--arch", help="resnet18, resnet50, ... or a timm ResNet name (default: inferred from the weights; "
-                                  "resnet50 for --ckpt random)")
-    p.add_argument("--ckpt-format", help="force the checkpoint format instead of detecting it")
-    p.add_argument("--ckpt-part", help="which part of a multi-network checkpoint to evaluate")
+    add_checkpoint_options(p)
     p.add_argument("--data-root", type=Path, help="folder holding the datasets (layouts in README.md)")
     p.add_argument("--demo", action="store_true", help="generate the demo datasets and use each task's demo protocol")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="where records go (default: results/)")
@@ -46,8 +60,43 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
                                                    "torchrun: cpu or cuda, one GPU per process)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a protocol value (repeatable); the record marks it as overridden")
+                   help="override a protocol value (repeatable); the record marks it as overridden; "
+                        + CHECKPOINT_SET_HELP)
+    p.add_argument("--inspect", action="store_true", help="print what the checkpoint holds and which ResNet would "
+                                                          "be used, then stop (no --task needed)")
     return p.parse_args(argv)
+
+
+def inspect_main(argv) -> int:
+    """`--inspect CKPT`: what the file holds, every ResNet in it, which would be used and why. Kept apart from
+    parse_args so that it imports neither the tasks nor torchvision."""
+    from backbones.checkpoints import inspect_lines, resolve_settings
+    from core.settings import split_assignments
+
+    p = ArgumentParser(description="inspect a checkpoint")
+    p.add_argument("--inspect", action="store_true")
+    p.add_argument("ckpt_positional", nargs="?")
+    p.add_argument("--ckpt")
+    p.add_argument("--ckpt-key")
+    p.add_argument("--ckpt-part")
+    p.add_argument("--ckpt-format")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args, _ = p.parse_known_args(argv)
+    ckpt = args.ckpt or args.ckpt_positional
+    if not ckpt or ckpt == "random":
+        raise UserError("--inspect needs a checkpoint file: --inspect CKPT")
+    settings, _ = split_settings(split_assignments(args.overrides, "--set"))
+    for line in inspect_lines(ckpt, args.ckpt_format, args.ckpt_key or args.ckpt_part, resolve_settings(settings)):
+        print(line)
+    return 0
+
+
+def split_settings(overrides: dict):
+    """--set values -> (checkpoint settings, task protocol values)."""
+    from backbones.checkpoints import SETTING_KEYS
+
+    return ({k: v for k, v in overrides.items() if k in SETTING_KEYS},
+            {k: v for k, v in overrides.items() if k not in SETTING_KEYS})
 
 
 def select_tasks(spec: str):
@@ -72,11 +121,13 @@ def select_tasks(spec: str):
 def parse_overrides(items, tasks):
     from core.settings import keys, split_assignments, unknown_key
 
+    from backbones.checkpoints import SETTING_KEYS
+
     out = split_assignments(items, "--set")
     valid = sorted({k for t in tasks for k in keys(t.protocol)})
     for key in out:
-        if key not in valid:
-            raise unknown_key(key, valid, "--set")
+        if key not in valid and key not in SETTING_KEYS:
+            raise unknown_key(key, valid + list(SETTING_KEYS), "--set")
     return out
 
 
@@ -113,18 +164,23 @@ def resolve_protocols(tasks, overrides, demo):
 
 def describe_checkpoint(checkpoint, arch, device, say):
     say(f"checkpoint: {checkpoint.path} (format {checkpoint.format}"
-        + (f", part {checkpoint.part}" if checkpoint.part else "") + f"), arch {arch}, device {device}")
+        + (f", {checkpoint.key}, {checkpoint.scheme} names" if checkpoint.key else "") + f"), arch {arch}, "
+        f"device {device}")
+    if checkpoint.chosen_because and len(checkpoint.candidates) > 1:
+        say(f"  chosen: {checkpoint.key} of {len(checkpoint.candidates)} ResNets ({checkpoint.chosen_because})")
     if checkpoint.dropped:
-        say("  dropped: " + ", ".join(f"{n} keys of {g}" for g, n in checkpoint.dropped.items()))
-    if checkpoint.input_normalization is not None:
-        say(f"  input normalisation of this format: mean {checkpoint.input_normalization[0]}, "
-            f"std {checkpoint.input_normalization[1]}")
+        say("  not taken: " + ", ".join(f"{n} tensors of {g}" for g, n in checkpoint.dropped.items()))
+    if checkpoint.foreign:
+        say("  read as inert placeholders: " + ", ".join(checkpoint.foreign))
+    say(f"  input normalisation: {checkpoint.normalization}")
     for key, note in checkpoint.notes.items():
-        say(f"  note ({key}): {note}")
+        say(f"  {key}: {note}")
 
 
 def main(argv=None) -> int:
-    from backbones.checkpoints import make_encoder
+    if "--inspect" in (sys.argv[1:] if argv is None else argv):
+        return inspect_main(sys.argv[1:] if argv is None else argv)
+    from backbones.checkpoints import make_encoder, resolve_settings
     from core import distributed
     from core.settings import as_record
     from datasets.catalog import ensure_demo
@@ -134,7 +190,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     tasks = select_tasks(args.task)
-    overrides = parse_overrides(args.overrides, tasks)
+    checkpoint_values, overrides = split_settings(parse_overrides(args.overrides, tasks))
+    settings = resolve_settings(checkpoint_values)
     world = distributed.world_size()
     device = resolve_device(args.device, world)
     if args.demo:
@@ -155,7 +212,8 @@ def main(argv=None) -> int:
     device = str(placed) if world > 1 else device
     say = print if rank == 0 else (lambda *a, **k: None)
 
-    model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part)
+    model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part,
+                                           args.ckpt_key, settings)
     describe_checkpoint(checkpoint, arch, device, say)
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
                      rank, world)

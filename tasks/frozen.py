@@ -71,10 +71,10 @@ def read_splits(ctx, p: FrozenFeatureProtocol, check=None):
 
 
 def input_normalization(ctx, p: FrozenFeatureProtocol, info: dict):
-    """The protocol's mean/std, unless the checkpoint's format says its weights expect their own."""
+    """The protocol's mean/std, unless the checkpoint (its release, or --set normalize) says otherwise."""
     if ctx.checkpoint.input_normalization is not None:
         mean, std = ctx.checkpoint.input_normalization
-        info["input_normalization"] = f"mean {mean}, std {std}, from checkpoint format {ctx.checkpoint.format}"
+        info["input_normalization"] = f"mean {mean}, std {std}, from the checkpoint: {ctx.checkpoint.normalization}"
         return tuple(mean), tuple(std)
     return tuple(p.mean), tuple(p.std)
 

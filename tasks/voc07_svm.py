@@ -18,8 +18,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
-from backbones.features import extract_features
-from backbones.resnet import PooledTrunk
+from backbones.features import PooledTrunk, extract_features
 from core.cli import UserError
 from core.settings import setting
 from datasets.catalog import SUBDIRS

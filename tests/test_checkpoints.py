@@ -1,4 +1,4 @@
-"""Checkpoint files: formats, strictness, architectures, and refusal to execute pickled code."""
+"""Checkpoint files: architectures from shapes, strictness, and refusal to execute pickled code."""
 import pickle
 from pathlib import Path
 
@@ -22,13 +22,30 @@ def test_infer_arch(arch):
     assert infer_arch(torchvision.models.get_model(arch).state_dict()) == arch
 
 
+@pytest.mark.parametrize("arch, stem", [("resnet18d", "deep"), ("resnet50c", "deep"), ("resnet50x2", "torchvision"),
+                                        ("resnet34", "3x3")])
+def test_arch_and_stem_from_shapes_alone(arch, stem):
+    """timm's deep stems and widened ResNets (stem included) are told apart by shapes, and rebuilt exactly."""
+    import timm
+
+    from backbones.resnet import analyse, build_backbone
+
+    model = timm.create_model(arch, num_classes=0) if arch[-1] in "cd" else build_backbone(arch, stem)
+    spec, problems = analyse({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    assert (spec.arch, spec.stem, problems) == (arch, stem, [])
+    rebuilt = build_backbone(arch, stem)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".pth.tar"])
 def test_torchvision_state_dict_loads_identically(tmp_path, r18_state, wrap, suffix):
     path = tmp_path / f"ckpt{suffix}"
     torch.save(r18_state if wrap is None else {wrap: r18_state, "epoch": 3}, path)
     model, info, arch = make_encoder(str(path))
-    assert arch == "resnet18" and info.format == "torchvision" and info.dropped == {"classifier head (fc)": 2}
+    assert arch == "resnet18" and info.format == "torchvision"
+    assert info.dropped == ({"fc": 2} if wrap is None else {f"{wrap}.fc": 2})
+    assert info.key == ("(top level)" if wrap is None else wrap) and info.prefix == "" and info.scheme == "torchvision"
     got = model.state_dict()
     for k, v in r18_state.items():
         if not k.startswith("fc."):
@@ -92,5 +109,5 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_non_resnet_is_refused(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(384, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(3, 3)},
                tmp_path / "vit.pth")
-    with pytest.raises(UserError, match="not in a known ResNet format"):
+    with pytest.raises(UserError, match="holds no ResNet in a known naming scheme"):
         load_checkpoint(tmp_path / "vit.pth")

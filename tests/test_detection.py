@@ -128,7 +128,7 @@ def test_detectron2_loads_every_converted_weight(tmp_path):
     from detectron2.modeling import build_model
 
     from backbones.checkpoints import build_backbone
-    from backbones.formats import torchvision_to_detectron2_key
+    from backbones.schemes import torchvision_to_detectron2_key
     from tasks.detection import d2_engine
     from tasks.detection.protocol import VocDetProtocol
 

@@ -59,7 +59,8 @@ def test_goyal_features_are_res5_average_pooled_6x6_stride_1(tmp_path, demo_root
     import torch
     import torchvision
 
-    from backbones.resnet import PooledTrunk, build_backbone
+    from backbones.features import PooledTrunk
+    from backbones.resnet import build_backbone
 
     torch.manual_seed(0)
     r50 = build_backbone("resnet50").eval()

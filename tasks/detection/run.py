@@ -34,6 +34,9 @@ def resolve_engine(name):
 
 
 def check_arch(ctx, p, task, engine):
+    if ctx.checkpoint.stem != "torchvision" or not ctx.checkpoint.maxpool:
+        raise UserError(f"{task} builds its detector on torchvision's ResNet stem (7x7 convolution and max-pool), "
+                        f"and this checkpoint's stem is {ctx.checkpoint.notes.get('stem', ctx.checkpoint.stem)}")
     if ctx.arch not in TORCHVISION_RESNETS:
         raise UserError(f"{task} builds its detector from a torchvision ResNet ({', '.join(TORCHVISION_RESNETS)}); "
                         f"this checkpoint is {ctx.arch}")
