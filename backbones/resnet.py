@@ -121,6 +121,16 @@ def _listed(keys, what, limit=4):
     return f"{len(keys)} {what} ({', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''})"
 
 
+def shape_problems(actual: dict, expected: dict) -> list:
+    """What keeps `actual` ({key: shape}) from being `expected` exactly: missing, unexpected and wrong-shape
+    keys (BatchNorm's step counters may be missing)."""
+    missing = [k for k in expected if k not in actual and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [f"{k} {actual[k]} vs {expected[k]}" for k in expected if k in actual and actual[k] != expected[k]]
+    return [_listed(keys, what, limit) for keys, what, limit in
+            ((missing, "missing", 4), (unexpected, "unexpected", 4), (wrong, "of the wrong shape", 3)) if keys]
+
+
 def analyse(tv: dict):
     """(spec or None, problems) for tensors under torchvision names (backbone keys only): the spec the shapes
     describe, and what keeps them from being that ResNet exactly (missing, unexpected, wrong-shape keys)."""
@@ -152,18 +162,7 @@ def analyse(tv: dict):
         (tv.get("conv1.6.weight", stem_conv)).shape[0]
     avg_down = any(re.match(r"layer\d\.0\.downsample\.2\.", k) for k in tv)
     spec = ResNetSpec(block, tuple(depths), planes, inner, stem, stem_width, avg_down)
-    expected = spec.shapes()
-    missing = [k for k in expected if k not in tv and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in tv if k not in expected]
-    wrong = [f"{k} {tuple(tv[k].shape)} vs {expected[k]}" for k in expected if k in tv and tuple(tv[k].shape)
-             != expected[k]]
-    problems = []
-    if missing:
-        problems.append(_listed(missing, "missing"))
-    if unexpected:
-        problems.append(_listed(unexpected, "unexpected"))
-    if wrong:
-        problems.append(_listed(wrong, "of the wrong shape", 3))
+    problems = shape_problems({k: tuple(v.shape) for k, v in tv.items()}, spec.shapes())
     if not problems and spec.arch is None:
         problems.append(f"no supported architecture has {spec.describe()}")
     return spec, problems
@@ -257,17 +256,8 @@ def build_backbone(arch: str, stem: str = "torchvision", maxpool: bool = True, s
 def load_into(model, state_dict: dict, arch: str) -> None:
     """Strict loading: every backbone weight must be present with its shape (BN step counters aside)."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(_listed(missing, "missing"))
-        if unexpected:
-            parts.append(_listed(unexpected, "unexpected"))
-        if wrong:
-            parts.append(_listed(wrong, "of the wrong shape", 3))
+    parts = shape_problems({k: tuple(v.shape) for k, v in state_dict.items()},
+                           {k: tuple(v.shape) for k, v in expected.items()})
+    if parts:
         raise UserError(f"the checkpoint does not fit {arch}: {', '.join(parts)} keys; check --arch")
     model.load_state_dict({k: state_dict.get(k, v) for k, v in expected.items()}, strict=True)
