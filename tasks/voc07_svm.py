@@ -116,8 +116,9 @@ def _fast_scores(xtr, labels, xte, p, device, shared=None):
     cv, solutions, init = {}, {}, None
     for cost in (sorted(p.costs) if problems else []):
         init = fit([c for c, _, _ in problems], [cost] * len(problems), [m for _, _, m in problems], init)
-        for (c, va, _), wb in zip(problems, init):
-            ap = average_precision_score(labels[c][va] > 0, xtr[va] @ wb[:-1] + wb[-1])
+        decisions = xtr @ init[:, :-1].T + init[:, -1]  # (n, problems): one product for every fold's validation
+        for j, ((c, va, _), wb) in enumerate(zip(problems, init)):
+            ap = average_precision_score(labels[c][va] > 0, decisions[va, j])
             cv.setdefault(c, {}).setdefault(cost, []).append(ap)
             solutions.setdefault((c, cost), []).append(wb)
     chosen = {c: _best({cost: np.mean(a) for cost, a in scores.items()}, p) for c, scores in cv.items()}
@@ -126,7 +127,8 @@ def _fast_scores(xtr, labels, xte, p, device, shared=None):
     # the refit on all of trainval starts from the mean of its folds' solutions at the chosen cost
     start = np.stack([np.mean(solutions[c, cost], 0) for c, cost in chosen.items()])
     wb = fit(list(chosen), list(chosen.values()), [np.ones(len(xtr), bool)] * len(chosen), start)
-    return {c: (cost, xte @ w[:-1] + w[-1]) for (c, cost), w in zip(chosen.items(), wb)}
+    decisions = xte @ wb[:, :-1].T + wb[:, -1]
+    return {c: (cost, decisions[:, j]) for j, (c, cost) in enumerate(chosen.items())}
 
 
 def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu", shared=None):
