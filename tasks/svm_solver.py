@@ -5,19 +5,22 @@ Each problem p solves the primal that scikit-learn's LinearSVC (liblinear) solve
     f_p(w) = 1/2 |w|^2 + sum_i C_pi max(0, 1 - y_pi w . [x_i, 1])^2,   C_pi = C_p * (positive_weight if y_pi > 0 else 1)
 
 (the bias is the last weight and is regularised, LinearSVC's `intercept_scaling=1`). The squared hinge
-makes f_p once differentiable with a generalised Hessian, so Newton's method applies (Keerthi & DeCoste
-2005; Chapelle 2007; liblinear's TRON): the Newton direction comes from conjugate gradients on
-H_p = I + 2 X^T diag(C_pi [i active]) X, and the step length from an exact search on the piecewise
-quadratic along it. All problems advance together: every product with X is one matrix product over
-all problems (on the accelerator when present), which is where the speed comes from. Started from the
-solution of a smaller cost (`init`), as liblinear's cost search does, a problem needs fewer Newton steps.
+makes f_p once differentiable with a generalised Hessian H_p = I + 2 X^T diag(C_pi [i active]) X, so
+Newton's method applies (Keerthi & DeCoste 2005; Chapelle 2007; liblinear's TRON), with the step length
+from an exact search on the piecewise quadratic along the Newton direction. All problems advance
+together: every product with X is one matrix product over all problems (on the accelerator when
+present). Started from the solution of a smaller cost (`init`), as liblinear's cost search does, a
+problem needs fewer Newton steps.
 
-The conjugate gradients are preconditioned (`SharedFeatures`): pooled features share a large common
-direction and a few strong ones, so H_p spans many orders of magnitude there (2 C_p times eigenvalues of
-X^T X from thousands down to hundredths). In the top principal directions of X the preconditioner is
-the diagonal of H_p, elsewhere the mean of H_p's diagonal, both recomputed from the active samples at
-every Newton step; this cuts the products with X about threefold on VOC-sized features. The
-preconditioner changes how fast the solver gets there, not where: the stopping rule is on |grad f_p|.
+The Newton direction s = -H_p^-1 g comes one of two ways, whichever costs less for the problem:
+- few active samples S (large costs): exactly, by Woodbury's identity
+  H_p^-1 = I - X_S^T (diag(1 / 2 C_pS) + X_S X_S^T)^-1 X_S, a Cholesky factorisation of |S| x |S| with
+  X_S X_S^T read from X X^T, computed once; at large costs H_p spans many orders of magnitude (2 C_p
+  times the eigenvalues of X_S^T X_S) and conjugate gradients would need hundreds of products with X;
+- many active samples: conjugate gradients to TRON's relative residual, preconditioned by the diagonal
+  of H_p in the top principal directions of X (pooled features share a large common direction and a
+  few strong ones) and by the mean of its diagonal elsewhere, both from the active samples.
+How the direction is found changes how fast the solver gets there, not where: it stops on |grad f_p|.
 """
 from contextlib import contextmanager
 
@@ -29,8 +32,9 @@ import torch
 def _threads(n):
     """torch's CPU thread count set to n inside the block. The solver's own work is elementwise on
     (problems x samples) arrays, too small to gain from threads: run threaded, each such operation waits
-    for every thread, and on a loaded machine for a descheduled one (measured: 10-40x slower with 2 threads
-    on a busy 2-core machine). Only the products with X (and large factorisations) use all the threads."""
+    for every thread, and on a loaded machine for a descheduled one (measured on a busy 2-core machine:
+    elementwise work 12x, a 1000 x 1000 Cholesky factorisation 4x slower with 2 threads than with 1).
+    Only the products with X use all the threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -53,12 +57,15 @@ class SharedFeatures:
         k = min(directions, n, dim)
         g = torch.Generator(device=device).manual_seed(seed)
         basis = torch.randn(dim, min(k + 16, n, dim), generator=g, device=device)
-        for _ in range(power_iterations):
-            basis = torch.linalg.qr(self.xb.T @ (self.xb @ basis)).Q
-        projected = self.xb @ basis
-        _, rotation = torch.linalg.eigh(projected.T @ projected)  # Rayleigh-Ritz: the principal axes in the basis
+        for _ in range(power_iterations):  # basis <- orth(X^T X basis)
+            product = self.xtv(self.xw(basis.T)).T
+            with _threads(1):
+                basis = torch.linalg.qr(product).Q
+        projected = self.xw(basis.T).T
+        with _threads(1):  # Rayleigh-Ritz: the principal axes within the basis
+            _, rotation = torch.linalg.eigh(projected.T @ projected)
         self.directions = basis @ rotation.flip(1)[:, :k]  # (d + 1, k), largest first
-        self.projections_sq = (self.xb @ self.directions) ** 2  # (n, k)
+        self.projections_sq = self.xw(self.directions.T).T ** 2  # (n, k)
         # squared norm of each sample outside the directions, and the dimension it is spread over
         self.outside = ((self.xb * self.xb).sum(1) - self.projections_sq.sum(1)).clamp(min=0)
         self.outside_dim = max(min(n, dim) - k, 1)
@@ -160,27 +167,19 @@ def _exact_direction(shared, g, act):
         active = torch.nonzero(act[j]).flatten()
         system = kernel[active[:, None], active[None, :]]
         system.diagonal().add_(0.5 / act[j, active])
-        u[j, active] = _solve_spd(system, xg[j, active], shared.threads if len(active) >= 512 else 1)
+        u[j, active] = _solve_spd(system, xg[j, active])
     s = shared.xtv(u) - g
     return s, shared.xw(s)
 
 
-def _solve_spd(a, b, threads):
-    """a^-1 b for a symmetric positive definite float32 `a` (the exact Newton systems): Cholesky in float32
-    and one step of iterative refinement with the residual in float64, or Cholesky in float64 when that
-    does not reach a relative residual of 1e-3 (the condition number nears 1e7 at the largest costs, too
-    much for float32 alone). The factorisation uses `threads`, the rest is too small to gain from them."""
-    with _threads(threads):
-        factor, info = torch.linalg.cholesky_ex(a)
-    a64, b64 = a.double(), b.double()
+def _solve_spd(a, b):
+    """a^-1 b for a symmetric positive definite float32 `a` (the exact Newton systems) by Cholesky: in
+    float32 (relative error about 1e-3 at the largest costs, plenty for a Newton direction), in float64
+    when float32 cannot factor `a`."""
+    factor, info = torch.linalg.cholesky_ex(a)
     if info.item() == 0:
-        x = torch.cholesky_solve(b[:, None], factor)[:, 0].double()
-        x += torch.cholesky_solve((b64 - a64 @ x).float()[:, None], factor)[:, 0].double()
-        if (b64 - a64 @ x).norm() <= 1e-3 * b64.norm():
-            return x.float()
-    with _threads(threads):
-        factor = torch.linalg.cholesky(a64)
-    return torch.cholesky_solve(b64[:, None], factor)[:, 0].float()
+        return torch.cholesky_solve(b[:, None], factor)[:, 0]
+    return torch.cholesky_solve(b.double()[:, None], torch.linalg.cholesky(a.double()))[:, 0].float()
 
 
 def fit_linear_svms(x, y, costs, train_mask=None, positive_weight=1.0, tol=1e-4, max_newton=100, max_cg=500,
