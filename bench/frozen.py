@@ -37,7 +37,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
 
 
-def unit_rows(n, dim, dtype, seed, block=65536):
+def unit_rows(n, dim, dtype, seed, block=8192):
     """n random unit vectors stored in `dtype`, made a block at a time (no float32 copy of a float16 bank)."""
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n, dim, dtype=dtype)

@@ -28,17 +28,18 @@ class KnnProtocol(FrozenFeatureProtocol):
 
 
 def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, use_gpu: bool,
-               bank_dtype: str = "float32", block: int = 8192):
+               bank_dtype: str = "float32", block: int = 32768):
     """Exact inner-product search: (similarities, indices), each (Q, k) on the CPU, best first.
 
     The bank is held in `bank_dtype` (a float16 bank takes half the memory; a bank already in that dtype
     is used without a copy) and read `block` rows at a time, each block's top k merged into a running top
     k per query (`merge_topk`), so the bank is read once whatever the number of queries. On the CPU each
-    block is widened to float32 in one reused buffer and multiplied with `chunk` queries at a time by
-    BLAS: a float16 bank searches at the float32 rate, and its similarities are the float32 products with
-    the stored bank, so its neighbours are those of a float32 search except for ties within float16
-    rounding. With CUDA the blocks are copied to the GPU in turn (the bank need not fit there), and a
-    float16 bank multiplies float16 queries in half precision with float32 accumulation and output.
+    float16 block is widened to float32 in one reused buffer, and FAISS's exhaustive search (BLAS products
+    and a heap per query) finds the block's top k for `chunk` queries at a time: a float16 bank searches at
+    the float32 rate, and its similarities are the float32 products with the stored bank, so its
+    neighbours are those of a float32 search except for ties within float16 rounding. With CUDA the
+    blocks are copied to the GPU in turn (the bank need not fit there) and multiplied with torch, a float16
+    bank with float16 queries in half precision with float32 accumulation and output.
     """
     if bank_dtype not in ("float32", "float16"):
         raise UserError(f"bank_dtype must be float32 or float16, not {bank_dtype!r}")
@@ -48,24 +49,25 @@ def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, us
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     on_cpu, bank = device.type == "cpu", bank.to(dtype)
     half_matmul = not on_cpu and dtype == torch.float16
-    queries = queries.to(device, dtype if half_matmul else torch.float32)
-    # CPU buffers reused block after block: fresh allocations this large cost page faults every time
+    queries = queries.to(device, dtype if half_matmul else torch.float32).contiguous()
+    # a buffer reused block after block: a fresh allocation this large costs page faults every time
     widened = torch.empty(min(block, len(bank)), bank.shape[1]) if on_cpu and dtype != torch.float32 else None
-    products = torch.empty(min(chunk, len(queries)) * min(block, len(bank))) if on_cpu else None
     best_sims = torch.full((len(queries), k), -float("inf"), device=device)
     best_idx = torch.zeros((len(queries), k), dtype=torch.long, device=device)
     for start in range(0, len(bank), block):
         rows = bank[start:start + block]
         rows = widened[:len(rows)].copy_(rows) if widened is not None else rows.to(device, non_blocking=True)
+        kk = min(k, len(rows))
         for q in range(0, len(queries), chunk):
             qc = queries[q:q + chunk]
             if on_cpu:
-                sims = torch.mm(qc, rows.T, out=products[:len(qc) * len(rows)].view(len(qc), len(rows)))
+                sims, idx = (torch.from_numpy(a) for a in
+                             faiss.knn(qc.numpy(), rows.numpy(), kk, faiss.METRIC_INNER_PRODUCT))
             else:
                 sims = torch.mm(qc, rows.T, out_dtype=torch.float32) if half_matmul else qc @ rows.T
-            top = sims.topk(min(k, len(rows)), dim=1, sorted=False)
+                sims, idx = sims.topk(kk, dim=1, sorted=False)
             best_sims[q:q + chunk], best_idx[q:q + chunk] = merge_topk(
-                best_sims[q:q + chunk], best_idx[q:q + chunk], top.values, top.indices + start, k)
+                best_sims[q:q + chunk], best_idx[q:q + chunk], sims, idx + start, k)
     return best_sims.cpu(), best_idx.cpu()
 
 
