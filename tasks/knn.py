@@ -1,7 +1,7 @@
 """k-nearest-neighbour classification on frozen features (paper §8.3, following NPID / LA).
 
-Cosine similarity on L2-normalised pooled features, exact search with FAISS (GPU index when CUDA
-is there), each of the k neighbours voting exp(sim / T) for its class.
+Cosine similarity on L2-normalised pooled features, exact search (`knn_search`: FAISS per block of the
+bank on the CPU, torch matrix products on the GPU), each of the k neighbours voting exp(sim / T) for its class.
 """
 from dataclasses import dataclass
 
