@@ -6,7 +6,6 @@ bank on the CPU, torch matrix products on the GPU), each of the k neighbours vot
 from dataclasses import dataclass
 
 import faiss
-import numpy as np
 import torch
 import torch.nn.functional as F
 
