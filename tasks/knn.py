@@ -1,7 +1,8 @@
 """k-nearest-neighbour classification on frozen features, by two published protocols.
 
 - `npid` (paper §8.3, Table 4; NPID / LA): cosine similarity on L2-normalised pooled features, exact
-  search, each of the k neighbours voting exp(sim / T) for its class.
+  search (`knn_search`: FAISS per block of the bank on the CPU, torch matrix products on the GPU),
+  each of the k neighbours voting exp(sim / T) for its class.
 - `wmse` (Table 1, whose ResNet-18 rows are W-MSE's numbers; htdt/self-supervised eval/knn.py): Euclidean
   distance on the unnormalised pooled features, a plain majority vote of the k = 5 nearest, ties to the
   smallest class index (`unique(return_counts)` then `argmax` there); top-1 only, as W-MSE reports.
@@ -9,7 +10,6 @@
 from dataclasses import dataclass
 
 import faiss
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,23 +39,53 @@ class KnnProtocol(FrozenFeatureProtocol):
 
 
 def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, use_gpu: bool,
-               bank_dtype: str = "float32"):
-    """Exhaustive inner-product search: (similarities, indices), each (Q, k), best first."""
-    if bank_dtype == "float32":
-        index = faiss.IndexFlatIP(bank.shape[1])
-    elif bank_dtype == "float16":
-        index = faiss.IndexScalarQuantizer(bank.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    else:
+               bank_dtype: str = "float32", block: int = 32768):
+    """Exact inner-product search: (similarities, indices), each (Q, k) on the CPU, best first.
+
+    The bank is held in `bank_dtype` (a float16 bank takes half the memory; a bank already in that dtype
+    is used without a copy) and read `block` rows at a time, each block's top k merged into a running top
+    k per query (`merge_topk`), so the bank is read once whatever the number of queries. On the CPU each
+    float16 block is widened to float32 in one reused buffer, and FAISS's exhaustive search (BLAS products
+    and a heap per query) finds the block's top k for `chunk` queries at a time: a float16 bank searches at
+    the float32 rate, and its similarities are the float32 products with the stored bank, so its
+    neighbours are those of a float32 search except for ties within float16 rounding. With CUDA the
+    blocks are copied to the GPU in turn (the bank need not fit there) and multiplied with torch, a float16
+    bank with float16 queries in half precision with float32 accumulation and output.
+    """
+    if bank_dtype not in ("float32", "float16"):
         raise UserError(f"bank_dtype must be float32 or float16, not {bank_dtype!r}")
-    if use_gpu and hasattr(faiss, "StandardGpuResources"):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
-    sims, idx = [], []
-    for start in range(0, len(queries), chunk):
-        s, i = index.search(np.ascontiguousarray(queries[start:start + chunk].numpy(), dtype=np.float32), k)
-        sims.append(torch.from_numpy(s))
-        idx.append(torch.from_numpy(i))
-    return torch.cat(sims), torch.cat(idx)
+    if not 0 < k <= len(bank):
+        raise ValueError(f"k = {k} neighbours asked of a bank of {len(bank)}")
+    dtype = getattr(torch, bank_dtype)
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    on_cpu, bank = device.type == "cpu", bank.to(dtype)
+    half_matmul = not on_cpu and dtype == torch.float16
+    queries = queries.to(device, dtype if half_matmul else torch.float32).contiguous()
+    # a buffer reused block after block: a fresh allocation this large costs page faults every time
+    widened = torch.empty(min(block, len(bank)), bank.shape[1]) if on_cpu and dtype != torch.float32 else None
+    best_sims = torch.full((len(queries), k), -float("inf"), device=device)
+    best_idx = torch.zeros((len(queries), k), dtype=torch.long, device=device)
+    for start in range(0, len(bank), block):
+        rows = bank[start:start + block]
+        rows = widened[:len(rows)].copy_(rows) if widened is not None else rows.to(device, non_blocking=True)
+        kk = min(k, len(rows))
+        for q in range(0, len(queries), chunk):
+            qc = queries[q:q + chunk]
+            if on_cpu:
+                sims, idx = (torch.from_numpy(a) for a in
+                             faiss.knn(qc.numpy(), rows.numpy(), kk, faiss.METRIC_INNER_PRODUCT))
+            else:
+                sims = torch.mm(qc, rows.T, out_dtype=torch.float32) if half_matmul else qc @ rows.T
+                sims, idx = sims.topk(kk, dim=1, sorted=False)
+            best_sims[q:q + chunk], best_idx[q:q + chunk] = merge_topk(
+                best_sims[q:q + chunk], best_idx[q:q + chunk], sims, idx + start, k)
+    return best_sims.cpu(), best_idx.cpu()
+
+
+def merge_topk(sims_a, idx_a, sims_b, idx_b, k):
+    """The k best of two candidate lists per query (each (Q, *)), best first."""
+    sims, pos = torch.cat([sims_a, sims_b], 1).topk(k, dim=1)
+    return sims, torch.cat([idx_a, idx_b], 1).gather(1, pos)
 
 
 def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4096, use_gpu=False,

@@ -27,7 +27,7 @@ from datasets.voc import read_voc_classification
 from tasks.context import TaskOutput
 from tasks.frozen import features_artifact
 from tasks.metrics import voc_ap
-from tasks.svm_solver import fit_linear_svms
+from tasks.svm_solver import SharedFeatures, fit_linear_svms
 
 GOYAL = ("Goyal et al. 2019 (fair_self_supervision_benchmark tools/svm/train_svm_kfold.py) and VISSL "
          "(vissl/utils/svm_utils/svm_trainer.py; configs/config/benchmark/linear_image_classification/voc07/"
@@ -111,9 +111,11 @@ def _sklearn_scores(xtr, labels, xte, p):
     return out
 
 
-def _fast_scores(xtr, labels, xte, p, device):
+def _fast_scores(xtr, labels, xte, p, device, shared=None):
     """The same protocol with the (class, fold) problems trained together by `fit_linear_svms`, one cost after
-    the other in increasing order, each started from the solution of the previous cost (a warm start)."""
+    the other in increasing order, each started from the solution of the previous cost (a warm start).
+    shared: `SharedFeatures` of xtr from an earlier call (bench/svm.py runs the classes one at a time)."""
+    shared = shared or SharedFeatures(xtr, device)
     problems = []  # (class, validation indices, train mask)
     for c, y in labels.items():
         for tr, va in _cv_splits(y, p):
@@ -122,33 +124,39 @@ def _fast_scores(xtr, labels, xte, p, device):
             problems.append((c, va, mask))
 
     def fit(classes, costs, masks, init):
-        w, b, _ = fit_linear_svms(xtr, np.stack([labels[c] for c in classes]), costs, np.stack(masks),
-                                  p.positive_weight, p.fast_tol, init=init, device=device)
+        w, b, _ = fit_linear_svms(shared, np.stack([labels[c] for c in classes]), costs, np.stack(masks),
+                                  p.positive_weight, p.fast_tol, init=init)
         return np.concatenate([w, b[:, None]], 1)
 
     cv, solutions, init = {}, {}, None
-    for cost in sorted(p.costs):
+    for cost in (sorted(p.costs) if problems else []):
         init = fit([c for c, _, _ in problems], [cost] * len(problems), [m for _, _, m in problems], init)
-        for (c, va, _), wb in zip(problems, init):
-            ap = average_precision_score(labels[c][va] > 0, xtr[va] @ wb[:-1] + wb[-1])
+        decisions = xtr @ init[:, :-1].T + init[:, -1]  # (n, problems): one product for every fold's validation
+        for j, ((c, va, _), wb) in enumerate(zip(problems, init)):
+            ap = average_precision_score(labels[c][va] > 0, decisions[va, j])
             cv.setdefault(c, {}).setdefault(cost, []).append(ap)
             solutions.setdefault((c, cost), []).append(wb)
     chosen = {c: _best({cost: np.mean(a) for cost, a in scores.items()}, p) for c, scores in cv.items()}
+    if not chosen:
+        return {}
     # the refit on all of trainval starts from the mean of its folds' solutions at the chosen cost
     start = np.stack([np.mean(solutions[c, cost], 0) for c, cost in chosen.items()])
     wb = fit(list(chosen), list(chosen.values()), [np.ones(len(xtr), bool)] * len(chosen), start)
-    return {c: (cost, xte @ w[:-1] + w[-1]) for (c, cost), w in zip(chosen.items(), wb)}
+    decisions = xte @ wb[:, :-1].T + wb[:, -1]
+    return {c: (cost, decisions[:, j]) for j, (c, cost) in enumerate(chosen.items())}
 
 
-def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu"):
+def svm_protocol(xtr, ttr, xte, tte, classes, p, device="cpu", shared=None):
     """The whole protocol on L2-normalised features; ttr/tte: (n, classes) targets in {1, -1, 0 (difficult)}.
-    Returns ({class: AP %}, {class: chosen cost}, [classes skipped for lack of positives])."""
+    Returns ({class: AP %}, {class: chosen cost}, [classes skipped for lack of positives]). shared: the
+    fast solver's `SharedFeatures` of xtr, when the caller already has them."""
     if p.solver not in ("fast", "sklearn"):
         raise UserError(f"voc07_svm solver {p.solver!r} is unknown (available: fast, sklearn)")
     # difficult-only images are negatives in training and ignored at test
     labels = {c: np.where(ttr[:, c] > 0, 1, -1) for c in range(len(classes))
               if not np.isnan(voc_ap(np.zeros(len(tte)), tte[:, c]))}
-    scores = _sklearn_scores(xtr, labels, xte, p) if p.solver == "sklearn" else _fast_scores(xtr, labels, xte, p, device)
+    scores = _sklearn_scores(xtr, labels, xte, p) if p.solver == "sklearn" else \
+        _fast_scores(xtr, labels, xte, p, device, shared)
     aps = {classes[c]: 100.0 * voc_ap(s, tte[:, c]) for c, (_, s) in scores.items()}
     chosen = {classes[c]: cost for c, (cost, _) in scores.items()}
     return aps, chosen, [name for c, name in enumerate(classes) if c not in scores]
