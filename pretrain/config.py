@@ -66,8 +66,8 @@ class PretrainConfig:
     w_size: int = s(256, "W-MSE's whitening sub-batch (README commands: --w_size 256)")
     w_iter: int = s(1, "W-MSE's whitening repetitions per step (cfg.py default 1; STL-10 W-MSE 2: 4)")
     w_eps: float = s(0.0, "W-MSE's covariance shrinkage (cfg.py --w_eps 0)")
-    margin: float = s(1.0, "DrLIM's margin m: the paper's value could not be checked; D is the distance of unnormalised "
-                           "embeddings, so m only sets their scale (the last linear layer can rescale D by any factor)")
+    margin: float = s(1.0, "DrLIM's margin m: the paper's value could not be checked; D is the distance of "
+                           "unnormalised embeddings, so m only sets their scale (the last linear layer can rescale D)")
     uniformity_weight: float = s(1.0, "Wang & Isola's uniformity weight (align_uniform STL-10 example --unif_w 1)")
     uniformity_t: float = s(2.0, "Wang & Isola's uniformity temperature (align_uniform --unif_t 2)")
     small_crops: int = s(6, "multi-crop: small crops per image (SwAV README: --nmb_crops 2 6)")
@@ -104,8 +104,8 @@ class PretrainConfig:
     lr_schedule: str = s("cosine", PAPER + ": linear warm-up, then cosine decay (BYOL); step: W-MSE's drops",
                          choices=("cosine", "step"))
     lr_final_ratio: float = s(0.0, "cosine: the final LR as a fraction of the max (Barlow Twins: 0.001)")
-    lr_drops: tuple[int, ...] = s((50, 25), "step: the LR is multiplied by lr_drop_gamma this many epochs before the end "
-                                  "(W-MSE cfg.py --drop 50 25)")
+    lr_drops: tuple[int, ...] = s((50, 25), "step: the LR is multiplied by lr_drop_gamma this many epochs before "
+                                  "the end (W-MSE cfg.py --drop 50 25)")
     lr_drop_gamma: float = s(0.2, "step: W-MSE cfg.py --drop_gamma 0.2")
     warmup_epochs: int = s(10, "paper §7.1")
     warmup_steps: int = s(0, "warm-up length in steps, instead of warmup_epochs when > 0 (W-MSE: 500 iterations)")

@@ -92,8 +92,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 
 def moco_infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo (He et al. 2020, Eq. 1; `moco/builder.py`): for each query, logits [q̂·k̂, q̂·queue] / τ with the positive
-    in column 0, cross-entropy averaged over the N queries. q, k (N, d) unnormalised; queue (K, d) holds the
+    """MoCo (He et al. 2020, Eq. 1; `moco/builder.py`): for each query, logits [q̂·k̂, q̂·queue] / τ with the
+    positive in column 0, cross-entropy averaged over the N queries. q, k (N, d) unnormalised; queue (K, d) holds the
     L2-normalised keys of earlier batches (the negatives)."""
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], dim=1) / temperature

@@ -71,7 +71,8 @@ def test_ema_update_matches_formula():
     o = [torch.tensor([3.0, 0.0]), torch.tensor([1.0])]
     tb, ob = [torch.tensor([5.0])], [torch.tensor([7.0])]
     ema_update((t, o, tb, ob), tau=0.9)
-    assert torch.allclose(t[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2])) and torch.allclose(t[1], torch.tensor([0.1]))
+    assert torch.allclose(t[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2]))
+    assert torch.allclose(t[1], torch.tensor([0.1]))
     assert tb[0].item() == 7.0
 
 
@@ -101,6 +102,7 @@ def test_config_errors():
     ("demo_mocov2", ["queue_size=48"], "queue_size 48 must be a multiple of the batch of one step"),
     ("demo_cpc", ["crop_size=42"], "crop_size 42 does not cut into a 3 x 3 grid"),
     ("demo_wmse", ["warmup_epochs=1"], "give the warm-up once"),
+    ("demo_byol_multicrop", ["blur_p=[1.0,0.1]"], "blur_p lists 2 values for 8 views"),
 ])
 def test_a_key_or_value_the_method_cannot_use_is_one_sentence(config, overrides, message):
     with pytest.raises(UserError) as e:
@@ -334,3 +336,17 @@ def test_two_process_ddp_on_cpu(tmp_path, demo_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "backbone.pth").is_file()
     assert math.isfinite(torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["metrics"]["loss"])
+
+
+def test_sweeps_expand_to_loadable_commands():
+    import yaml
+
+    from pretrain.sweep import commands
+
+    table11 = list(commands(yaml.safe_load((REPO / "pretrain/sweeps/table11.yaml").read_text())))
+    assert len(table11) == 3 * 4 * 5 and all("epochs=300" in c for c in table11)  # paper §10: 300 epochs
+    table8 = list(commands(yaml.safe_load((REPO / "pretrain/sweeps/table8.yaml").read_text())))
+    for cmd in table11[::7] + table8:
+        at = cmd.index("--config")
+        cfg, _ = load_config(cmd[at + 1], [a for a in cmd[at + 2:] if not a.startswith("out_dir=")])
+        assert cfg.epochs == (300 if cmd in table11 else 320)

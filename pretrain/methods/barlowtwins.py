@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import Method
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import Encoder, backbone_and_width
 
 
@@ -38,5 +38,5 @@ class BarlowTwins(Method):
     def loss(self, out, views, g, shared):
         # Statistics and cross-correlation over the global batch, as main.py's SyncBatchNorm and all_reduce.
         z1, z2 = (gather_with_grad(z) for z in out[0])
-        terms = {"loss_barlow": losses.barlow_twins_loss(z1, z2, self.cfg.lambd)}
+        terms = {"loss_barlow": in_fp32(losses.barlow_twins_loss, z1, z2, self.cfg.lambd)}
         return terms["loss_barlow"], terms, torch.cat(out[0])

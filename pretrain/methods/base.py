@@ -9,6 +9,7 @@ and the embeddings the collapse monitors look at. The loss itself is a pure func
 """
 import dataclasses
 
+import torch
 import torch.nn as nn
 
 from core.cli import UserError
@@ -26,14 +27,27 @@ def per_view(value, k, key):
     return values
 
 
-def view_augments(cfg, k=None, crop_size=None, crop_scale=None):
+def view_augments(cfg, k=None):
     """One ViewAugment per view; the config's augmentation keys carry ViewAugment's field names."""
     k = k or cfg.views
     blur, sol = per_view(cfg.blur_p, k, "blur_p"), per_view(cfg.solarize_p, k, "solarize_p")
     special = {"crop_size", "crop_scale", "blur_sigma", "blur_p", "solarize_p"}
     same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ViewAugment) if f.name not in special}
-    return [ViewAugment(**same, crop_size=crop_size or cfg.crop_size, crop_scale=crop_scale or (cfg.crop_scale_min, 1.0),
+    return [ViewAugment(**same, crop_size=cfg.crop_size, crop_scale=(cfg.crop_scale_min, 1.0),
                         blur_sigma=tuple(cfg.blur_sigma), blur_p=b, solarize_p=s) for b, s in zip(blur, sol)]
+
+
+def in_fp32(loss_fn, *args):
+    """`loss_fn` in float32 with autocast off (AMP runs the networks in bf16 / fp16): W-MSE's Cholesky needs it,
+    and logits of contrastive losses keep their precision. Tensor arguments (or lists of them) are cast."""
+    def cast(a):
+        if isinstance(a, (list, tuple)):
+            return [cast(x) for x in a]
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+
+    device = next(a for a in args if torch.is_tensor(a)).device.type
+    with torch.autocast(device_type=device, enabled=False):
+        return loss_fn(*[cast(a) for a in args])
 
 
 class Method(nn.Module):
@@ -55,9 +69,16 @@ class Method(nn.Module):
             raise UserError(f"method {cls.name} takes views={cls.fixed_views}, not {cfg.views}")
         if not cls.fixed_views and cfg.views < 2:
             raise UserError(f"method {cls.name} needs views >= 2, not {cfg.views}")
+        for key in ("blur_p", "solarize_p"):
+            per_view(getattr(cfg, key), cls.view_count(cfg), key)
+
+    @classmethod
+    def view_count(cls, cfg):
+        """How many augmented views of each image a step cuts."""
+        return cfg.views
 
     def augments(self):
-        return view_augments(self.cfg)
+        return view_augments(self.cfg, self.view_count(self.cfg))
 
     def loss(self, out, views, g):
         """(total loss, {term name: tensor}, embeddings for the collapse monitors)."""

@@ -7,7 +7,7 @@ import torch
 from core.cli import UserError
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import BYOL_NET_KEYS, view_augments
+from pretrain.methods.base import BYOL_NET_KEYS, in_fp32, view_augments
 from pretrain.methods.msbreg import REGULARISER_KEYS, MSBReg, add_regularisers
 
 
@@ -40,7 +40,7 @@ class BYOLUniformity(MSBReg):
         z = self.target_projections(views)
         terms = {"loss_byol": losses.byol_loss(torch.stack(p, 1), z)}
         gathered = [gather_with_grad(v) for v in p]
-        terms["loss_uniformity"] = sum(losses.uniformity_loss(v, self.cfg.uniformity_t) for v in gathered) / 2
+        terms["loss_uniformity"] = sum(in_fp32(losses.uniformity_loss, v, self.cfg.uniformity_t) for v in gathered) / 2
         return terms["loss_byol"] + self.cfg.uniformity_weight * terms["loss_uniformity"], terms, torch.cat(z_online)
 
 
@@ -61,8 +61,12 @@ class BYOLMultiCrop(MSBReg):
         if cfg.small_crops < 1 or cfg.small_crop_size > cfg.crop_size:
             raise UserError("byol_multicrop needs small_crops >= 1 and small_crop_size <= crop_size")
 
+    @classmethod
+    def view_count(cls, cfg):
+        return 2 + cfg.small_crops
+
     def augments(self):
-        augs = view_augments(self.cfg, k=2 + self.cfg.small_crops)
+        augs = view_augments(self.cfg, self.view_count(self.cfg))
         small = dict(crop_size=self.cfg.small_crop_size, crop_scale=tuple(self.cfg.small_crop_scale))
         return augs[:2] + [dataclasses.replace(a, **small) for a in augs[2:]]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from core.cli import UserError
 from pretrain import losses
-from pretrain.methods.base import Method, view_augments
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import backbone_and_width
 
 
@@ -85,10 +85,12 @@ class CPC(Method):
         backbone, width = backbone_and_width(cfg)
         self.online = CPCNet(backbone, width, cfg.cpc_grid, cfg.cpc_pred_steps, cfg.cpc_skip, cfg.cpc_context_layers)
 
-    def augments(self):
-        return view_augments(self.cfg, k=1)
+    @classmethod
+    def view_count(cls, cfg):
+        return 1
 
     def loss(self, out, views, g, shared):
         preds, targets, z = out
-        terms = {"loss_cpc": sum(losses.cpc_infonce_loss(p, t) for p, t in zip(preds, targets)) / len(preds)}
+        per_step = [in_fp32(losses.cpc_infonce_loss, p, t) for p, t in zip(preds, targets)]
+        terms = {"loss_cpc": sum(per_step) / len(per_step)}
         return terms["loss_cpc"], terms, z

@@ -4,7 +4,7 @@ import torch
 
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import Method
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import Encoder, backbone_and_width, mlp_head
 
 
@@ -21,5 +21,5 @@ class DrLIM(Method):
 
     def loss(self, out, views, g, shared):
         z1, z2 = (gather_with_grad(z) for z in out[0])
-        terms = {"loss_drlim": losses.drlim_loss(z1, z2, self.cfg.margin)}
+        terms = {"loss_drlim": in_fp32(losses.drlim_loss, z1, z2, self.cfg.margin)}
         return terms["loss_drlim"], terms, torch.cat(out[0])

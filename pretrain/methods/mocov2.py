@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from core.cli import UserError
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import Method
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import backbone_and_width
 
 
@@ -78,6 +78,7 @@ class MoCoV2(Method):
 
     def loss(self, q, views, g, shared):
         k = self.keys_of(views[1], g)
-        terms = {"loss_moco": losses.moco_infonce_loss(q, k, self.target.queue.clone(), self.cfg.temperature)}
+        terms = {"loss_moco": in_fp32(losses.moco_infonce_loss, q, k, self.target.queue.clone(),
+                                               self.cfg.temperature)}
         self.enqueue(k)  # after the logits: this batch's keys are negatives from the next step on
         return terms["loss_moco"], terms, q

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import Method
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import Encoder, backbone_and_width
 
 
@@ -39,7 +39,7 @@ class SimCLR(Method):
 
     def loss(self, out, views, g, shared):
         z1, z2 = (gather_with_grad(z) for z in out[0])  # negatives from the global batch, as SimCLR's TPU code
-        terms = {"loss_nt_xent": losses.nt_xent_loss(z1, z2, self.cfg.temperature)}
+        terms = {"loss_nt_xent": in_fp32(losses.nt_xent_loss, z1, z2, self.cfg.temperature)}
         return terms["loss_nt_xent"], terms, torch.cat(out[0])
 
 

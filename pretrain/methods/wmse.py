@@ -4,7 +4,7 @@ import torch
 from core.cli import UserError
 from core.distributed import gather_with_grad
 from pretrain import losses
-from pretrain.methods.base import Method
+from pretrain.methods.base import Method, in_fp32
 from pretrain.model import Encoder, backbone_and_width, mlp_head
 
 
@@ -33,5 +33,6 @@ class WMSE(Method):
 
     def loss(self, out, views, g, shared):
         z = torch.stack([gather_with_grad(v) for v in out[0]])  # (K, global batch, d)
-        terms = {"loss_wmse": losses.wmse_loss(z, self.cfg.w_size, self.cfg.w_iter, self.cfg.w_eps, shared)}
+        terms = {"loss_wmse": in_fp32(losses.wmse_loss, z, self.cfg.w_size, self.cfg.w_iter, self.cfg.w_eps,
+                                               shared)}
         return terms["loss_wmse"], terms, torch.cat(out[0])
