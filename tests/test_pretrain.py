@@ -1,6 +1,7 @@
 """Pretraining: schedules, LARS, EMA, configs, and a resumed run ending exactly where an uninterrupted one does."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -328,14 +329,20 @@ def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):
     assert "Traceback" not in proc.stderr
 
 
-def test_two_process_ddp_on_cpu(tmp_path, demo_root):
-    """torchrun with 2 CPU processes (gloo): the singular value loss sees the global batch."""
+@pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
+def test_two_process_ddp_on_cpu(tmp_path, demo_root, config):
+    """torchrun with 2 CPU processes (gloo): MSBReg's singular value loss sees the global batch; MoCo's keys of
+    both processes enter the queue, and each process splits its own part of the batch for BatchNorm."""
+    args = [*TINY, "max_steps=2"] if config == "demo" else [*tiny_overrides(config), "batch_size=16", "queue_size=32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "pretrain/train.py"), "--config", "demo", *TINY, "max_steps=2", f"out_dir={tmp_path / 'ddp'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           str(REPO / "pretrain/train.py"), "--config", config, *args, f"out_dir={tmp_path / 'ddp'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "backbone.pth").is_file()
-    assert math.isfinite(torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["metrics"]["loss"])
+    state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert math.isfinite(state["metrics"]["loss"])
+    if config == "demo_mocov2":  # 2 steps x 16 keys (8 from each process) fill the queue of 32 exactly once
+        assert int(state["target"]["queue_ptr"]) == 0 and state["target"]["queue"].shape == (32, 16)
 
 
 def test_sweeps_expand_to_loadable_commands():

@@ -80,8 +80,9 @@ class Method(nn.Module):
     def augments(self):
         return view_augments(self.cfg, self.view_count(self.cfg))
 
-    def loss(self, out, views, g):
-        """(total loss, {term name: tensor}, embeddings for the collapse monitors)."""
+    def loss(self, out, views, g, shared):
+        """(total loss, {term name: tensor}, embeddings for the collapse monitors) of the online network's output
+        `out` on `views`; `g` is this process's generator of the step, `shared` one seeded alike on every process."""
         raise NotImplementedError
 
     def ema_pairs(self):

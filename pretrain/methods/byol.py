@@ -39,8 +39,8 @@ class BYOLUniformity(MSBReg):
         z_online, p = out
         z = self.target_projections(views)
         terms = {"loss_byol": losses.byol_loss(torch.stack(p, 1), z)}
-        gathered = [gather_with_grad(v) for v in p]
-        terms["loss_uniformity"] = sum(in_fp32(losses.uniformity_loss, v, self.cfg.uniformity_t) for v in gathered) / 2
+        unif = [in_fp32(losses.uniformity_loss, gather_with_grad(v), self.cfg.uniformity_t) for v in p]
+        terms["loss_uniformity"] = sum(unif) / 2
         return terms["loss_byol"] + self.cfg.uniformity_weight * terms["loss_uniformity"], terms, torch.cat(z_online)
 
 

@@ -8,6 +8,8 @@ keys after a random permutation of the batch (undone afterwards): the single-pro
 shuffle BN (as lightly's SplitBatchNorm and MoCo's CIFAR-10 notebook). Under torchrun each process splits its
 own part of the batch into bn_splits / processes parts; the key batch is not exchanged between processes.
 """
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,8 +59,9 @@ class MoCoV2(Method):
         head = nn.Sequential(nn.Linear(width, cfg.proj_hidden), nn.ReLU(inplace=True),
                              nn.Linear(cfg.proj_hidden, cfg.proj_out))
         self.online = SplitEncoder(backbone, head, cfg.bn_splits // world)
-        import copy
-
+        if cfg.batch_size // (world * cfg.accumulate) < 2 * self.online.splits:
+            raise UserError(f"{cfg.batch_size // (world * cfg.accumulate)} images per process and step cannot be split "
+                            f"into {self.online.splits} BatchNorm parts of 2 or more (bn_splits)")
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.target.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_out), dim=1))
         self.target.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
