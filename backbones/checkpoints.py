@@ -310,7 +310,7 @@ def pretraining_settings(path: Path, obj) -> dict:
     if not isinstance(config, dict) or "loss" not in config:
         return None
     keys = ("dataset", "arch", "views", "loss", "lambda_s", "lambda_b", "head_norm", "batch_size", "epochs",
-            "max_steps", "svl_normalize")
+            "max_steps", "svl_normalize", "method", "stem", "view_forward")
     return {k: config.get(k) for k in keys}
 
 

@@ -1,4 +1,5 @@
-"""Online and target networks (BYOL's architecture, paper §7.2) and the EMA update."""
+"""Networks shared by the pretraining methods: the backbone with its heads run over a list of views, the
+heads of BYOL / W-MSE, the momentum (EMA) copy of a network and its update."""
 import copy
 import math
 
@@ -9,47 +10,68 @@ from backbones.resnet import build_backbone
 from core.cli import UserError
 
 
+def backbone_and_width(cfg) -> tuple:
+    """The ResNet of the config (its stem) and the width of its pooled features."""
+    backbone = build_backbone(cfg.arch, cfg.stem)
+    with torch.no_grad():
+        width = backbone.eval()(torch.zeros(2, 3, 64, 64)).shape[1]
+    return backbone.train(), width
+
+
 def mlp_head(in_dim: int, hidden: int, out: int, norm: str) -> nn.Sequential:
-    """Linear - norm - ReLU - Linear (BYOL's heads; Table 13 swaps BatchNorm for LayerNorm)."""
+    """Linear - norm - ReLU - Linear (BYOL's heads, W-MSE's head; Table 13 swaps BatchNorm for LayerNorm)."""
     norms = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
     if norm not in norms:
         raise UserError(f"head_norm must be batchnorm or layernorm, not {norm!r}")
     return nn.Sequential(nn.Linear(in_dim, hidden), norms[norm](hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
-class Online(nn.Module):
-    """backbone + projector + predictor; forward returns (predictions p, projections z)."""
+def run_views(fn, views: list, per_view: bool) -> list:
+    """`fn` on each view separately (BatchNorm statistics per view), or on all views of one size in one pass."""
+    if per_view:
+        return [fn(v) for v in views]
+    out, groups = [None] * len(views), {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape[1:]), []).append(i)
+    for idx in groups.values():
+        y = fn(torch.cat([views[i] for i in idx]))
+        for i, part in zip(idx, y.split([views[i].shape[0] for i in idx])):
+            out[i] = part
+    return out
 
-    def __init__(self, arch, proj_hidden, proj_out, pred_hidden, head_norm):
+
+class Encoder(nn.Module):
+    """backbone + projector [+ predictor] over a list of views; forward returns (projections, predictions or None),
+    one tensor per view.
+
+    per_view: every network runs once per view (BYOL, W-MSE's encoder); otherwise once per view size.
+    head_on_concat: the projector runs once on all views' features together (W-MSE's `head(torch.cat(h))`)."""
+
+    def __init__(self, backbone, projector, predictor=None, per_view=True, head_on_concat=False):
         super().__init__()
-        self.backbone = build_backbone(arch)
-        with torch.no_grad():
-            feat_dim = self.backbone.eval()(torch.zeros(2, 3, 64, 64)).shape[1]
-        self.backbone.train()
-        self.projector = mlp_head(feat_dim, proj_hidden, proj_out, head_norm)
-        self.predictor = mlp_head(proj_out, pred_hidden, proj_out, head_norm)
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.per_view, self.head_on_concat = per_view, head_on_concat
 
-    def forward(self, x):
-        z = self.projector(self.backbone(x))
-        return self.predictor(z), z
-
-
-class Target(nn.Module):
-    """backbone + projector, an exponential moving average of the online ones; never trained."""
-
-    def __init__(self, online: Online):
-        super().__init__()
-        self.backbone = copy.deepcopy(online.backbone)
-        self.projector = copy.deepcopy(online.projector)
-        self.requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, x):
-        return self.projector(self.backbone(x))
+    def forward(self, views):
+        h = run_views(self.backbone, views, self.per_view)
+        if self.head_on_concat:
+            z = list(self.projector(torch.cat(h)).split([x.shape[0] for x in h]))
+        else:
+            z = run_views(self.projector, h, self.per_view)
+        p = run_views(self.predictor, z, self.per_view) if self.predictor is not None else None
+        return z, p
 
 
-def target_pairs(target: Target, online: Online):
-    """Matching (target, online) parameter and floating-point buffer lists for the EMA update."""
+def momentum_copy(online: Encoder) -> Encoder:
+    """backbone + projector of `online`, as the target (BYOL) or key encoder (MoCo): never trained, only moved
+    towards the online weights by `ema_update`; it runs in training mode (batch statistics), as in BYOL and MoCo."""
+    target = Encoder(copy.deepcopy(online.backbone), copy.deepcopy(online.projector), None, online.per_view,
+                     online.head_on_concat)
+    return target.requires_grad_(False)
+
+
+def target_pairs(target: nn.Module, online: nn.Module):
+    """Matching (target, online) parameter and floating-point buffer lists of the backbone and projector."""
     pairs = []
     for t_mod, o_mod in ((target.backbone, online.backbone), (target.projector, online.projector)):
         pairs.append((list(t_mod.parameters()), list(o_mod.parameters()),

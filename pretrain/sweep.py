@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Expand a sweep file (configs x a grid of overrides) into pretraining commands; print them or run them.
+"""Expand a sweep file (configs x a grid of overrides, plus fixed `set:` overrides) into pretraining commands;
+print them or run them.
 
     python pretrain/sweep.py pretrain/sweeps/table11.yaml [--run] [extra key=value ...]
 """
@@ -17,11 +18,12 @@ HERE = Path(__file__).resolve().parent
 
 def commands(sweep: dict, extra=()):
     keys = list(sweep["grid"])
+    fixed = [f"{k}={v}" for k, v in (sweep.get("set") or {}).items()]
     for config in sweep["configs"]:
         for values in itertools.product(*(sweep["grid"][k] for k in keys)):
             setting = dict(zip(keys, values))
             out = sweep["out_dir"].format(config=config, **setting)
-            yield [sys.executable, str(HERE / "train.py"), "--config", config,
+            yield [sys.executable, str(HERE / "train.py"), "--config", config, *fixed,
                    *(f"{k}={v}" for k, v in setting.items()), f"out_dir={out}", *extra]
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""MSBReg pretraining (paper §3, §7): K views, EMA target, centroid + Brownian + singular value losses.
+"""Self-supervised pretraining of a ResNet: MSBReg (paper §3, §7) and the methods it is compared with
+(BYOL and its variants, SimCLR v1/v2, MoCo v2, Barlow Twins, W-MSE, DrLIM, CPC), one trainer for all.
 
     python pretrain/train.py --config demo
+    python pretrain/train.py --config demo_simclr
     python pretrain/train.py --config in100_r18_k4 data_root=/data batch_size=256
     torchrun --nproc_per_node 8 pretrain/train.py --config imagenet_r50_k4 data_root=/data
     python pretrain/train.py --config demo --resume          # continue runs/demo/last.pth
@@ -26,18 +28,18 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from core.cli import ArgumentParser, UserError, run_cli  # noqa: E402
-from core.distributed import gather_with_grad, setup_distributed, shutdown  # noqa: E402
+from core.distributed import setup_distributed, shutdown  # noqa: E402
 from core.files import atomic_torch_save, atomic_write_text  # noqa: E402
 from core.progress import progress  # noqa: E402
 from core.resume import StateFile  # noqa: E402
 from core.sampling import SeededBatches, SeededSamples  # noqa: E402
 from datasets.decode import SquareImages, collate_readable  # noqa: E402
-from datasets.views import ViewAugment, make_views  # noqa: E402
-from pretrain import losses  # noqa: E402
+from datasets.views import augment_view  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data import pretrain_images  # noqa: E402
-from pretrain.model import Online, Target, ema_update, target_pairs, tau_schedule  # noqa: E402
-from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate  # noqa: E402
+from pretrain.methods import build_method  # noqa: E402
+from pretrain.model import ema_update  # noqa: E402
+from pretrain.optim import build_optimizer, max_learning_rate, schedule  # noqa: E402
 
 CHECKPOINT_FORMAT = "ssl-suite-pretrain"
 # Keys that may change when a run is resumed; every other key must match the stopped run's config.
@@ -46,22 +48,6 @@ RUNTIME_KEYS = {"workers", "save_every_steps", "log_every_steps", "stop_after_st
 
 class Diverged(Exception):
     pass
-
-
-def per_view(value, k, key):
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * k
-    if len(values) != k:
-        raise UserError(f"{key} lists {len(values)} values for {k} views")
-    return values
-
-
-def view_augments(cfg):
-    """One ViewAugment per view; the config's augmentation keys carry ViewAugment's field names."""
-    blur, sol = per_view(cfg.blur_p, cfg.views, "blur_p"), per_view(cfg.solarize_p, cfg.views, "solarize_p")
-    special = {"crop_scale", "blur_sigma", "blur_p", "solarize_p"}
-    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ViewAugment) if f.name not in special}
-    return [ViewAugment(**same, crop_scale=(cfg.crop_scale_min, 1.0), blur_sigma=tuple(cfg.blur_sigma), blur_p=b,
-                        solarize_p=s) for b, s in zip(blur, sol)]
 
 
 @torch.no_grad()
@@ -75,49 +61,29 @@ def collapse_monitors(z):
     return std, erank
 
 
-def forward_views(cfg, online, target, views):
-    """Both networks on the K views (K, b, 3, H, W) in one pass each: p, z as (b, K, d), and online z."""
-    k, b = views.shape[:2]
-    x = views.flatten(0, 1)
-    if x.is_cuda and cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    p, z_online = online(x)
-    z = target(x).view(k, b, -1).transpose(0, 1).detach()
-    return p.view(k, b, -1).transpose(0, 1), z, z_online
+def cut_views(cfg, batch, augs, g):
+    """The views of a decoded uint8 batch, one tensor per ViewAugment (multi-crop views differ in size)."""
+    views = [augment_view(batch, a, g) for a in augs]
+    if views[0].is_cuda and cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
 
 
-def loss_terms(cfg, p, z, g):
-    """The configured loss of (b, K, d) predictions and target projections: (total, dict of floats)."""
-    terms = {}
-    if cfg.loss == "byol":
-        total = losses.byol_loss(p, z)
-        terms["loss_byol"] = total.item()
-    else:
-        total = losses.multiview_centroid_loss(p, z)
-        terms["loss_centroid"] = total.item()
-        if cfg.lambda_b:
-            noise = torch.randn(p.shape[0], p.shape[-1], generator=g, device=g.device).to(p.dtype)
-            lb = losses.brownian_loss(p, noise)
-            total = total + cfg.lambda_b * lb
-            terms["loss_brownian"] = lb.item()
-        if cfg.lambda_s:
-            ls = losses.singular_value_loss(gather_with_grad(p.float()), cfg.svl_normalize)
-            total = total + cfg.lambda_s * ls
-            terms["loss_singular"] = ls.item()
-    terms["loss"] = total.item()
-    return total, terms
+def compute_losses(method, model, views, g, shared):
+    """One micro-batch: the online network once (through DDP when wrapped), then the method's loss.
+    Returns (total, {term: float}, embeddings for the collapse monitors)."""
+    total, terms, monitor = method.loss(model(views), views, g, shared)
+    floats = {k: v.item() for k, v in terms.items()}
+    floats["loss"] = total.item()
+    return total, floats, monitor
 
 
-def compute_losses(cfg, online, target, views, g):
-    """Loss terms for one micro-batch of views (K, b, 3, H, W); returns (total, dict of floats, online z)."""
-    p, z, z_online = forward_views(cfg, online, target, views)
-    total, terms = loss_terms(cfg, p, z, g)
-    return total, terms, z_online
-
-
-def checkpoint_state(cfg, step, online, target, opt, scaler, last_metrics):
-    return {"format": CHECKPOINT_FORMAT, "version": 1, "config": dataclasses.asdict(cfg), "step": step,
-            "online": online.state_dict(), "target": target.state_dict(), "optimizer": opt.state_dict(),
+def checkpoint_state(cfg, step, method, opt, scaler, last_metrics):
+    """last.pth: the online network, the target / key encoder (with MoCo's queue; empty for methods without
+    one), the optimiser, the step, the RNG state and the config (which names the method)."""
+    target = method.target.state_dict() if method.target is not None else {}
+    return {"format": CHECKPOINT_FORMAT, "version": 2, "method": cfg.method, "config": dataclasses.asdict(cfg),
+            "step": step, "online": method.online.state_dict(), "target": target, "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state()}, "metrics": last_metrics}
 
@@ -152,31 +118,29 @@ def train(cfg, name, resume=False, log=print):
     if cfg.batch_size % (world * cfg.accumulate):
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by {world} devices x {cfg.accumulate} "
                         "accumulation steps")
-    if cfg.loss not in ("msbreg", "byol") or (cfg.loss == "byol" and cfg.views != 2):
-        raise UserError("loss must be msbreg, or byol with views=2")
-    augs = view_augments(cfg)
     images = SquareImages(pretrain_images(cfg), cfg.decode_size)
     steps_per_epoch = len(images) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training images")
     total = cfg.epochs * steps_per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    max_lr = max_learning_rate(cfg.base_lr, cfg.batch_size, cfg.views, cfg.lr_scaling)
+    lr_at, warmup = schedule(cfg, steps_per_epoch, total, max_lr)
     if warmup >= total:
-        raise UserError(f"{cfg.warmup_epochs} warm-up epochs ({warmup} steps) leave nothing of the {total} steps")
-    max_lr = max_learning_rate(cfg.base_lr, cfg.batch_size, cfg.views)
+        raise UserError(f"the warm-up ({warmup} steps) leaves nothing of the {total} steps")
 
     torch.manual_seed(cfg.seed)
-    online = Online(cfg.arch, cfg.proj_hidden, cfg.proj_out, cfg.pred_hidden, cfg.head_norm)
+    method = build_method(cfg, world)
+    augs = method.augments()
     if cfg.sync_bn and world > 1:
-        online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
-    target = Target(online)
-    online.to(device), target.to(device)
+        method.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.online)
+        if method.target is not None:
+            method.target = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.target)
+    method.to(device)
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
-        online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
-    opt = LARS(lars_param_groups(online.named_parameters()), lr=max_lr, momentum=cfg.momentum,
-               weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient)
+        method.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, method.online.named_parameters(), max_lr)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -186,16 +150,17 @@ def train(cfg, name, resume=False, log=print):
         state = state_file.load()
         if state is None:
             raise UserError(f"--resume: no checkpoint at {state_file.path}")
-        online.load_state_dict(state["online"])
-        target.load_state_dict(state["target"])
+        method.online.load_state_dict(state["online"])
+        if method.target is not None:
+            method.target.load_state_dict(state["target"])
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start, last_metrics = state["step"], state["metrics"]
         log(f"resumed {state_file.path} at step {start}")
-    model = torch.nn.parallel.DistributedDataParallel(online, device_ids=[device] if cuda else None) \
-        if world > 1 else online
-    pairs = target_pairs(target, online)
+    model = torch.nn.parallel.DistributedDataParallel(method.online, device_ids=[device] if cuda else None) \
+        if world > 1 else method.online
+    pairs = method.ema_pairs()
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -203,8 +168,8 @@ def train(cfg, name, resume=False, log=print):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(out / "tb")
-        log(f"{name}: {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, K={cfg.views}, "
-            f"max LR {max_lr:g}, device {device}, {world} process(es) -> {out}")
+        log(f"{name}: {cfg.method}, {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, "
+            f"{len(augs)} views, max LR {max_lr:g}, device {device}, {world} process(es) -> {out}")
     loader = torch.utils.data.DataLoader(
         SeededSamples(images, cfg.seed),
         batch_sampler=SeededBatches(len(images), cfg.batch_size, cfg.seed, start, total, rank, world, cfg.accumulate),
@@ -213,22 +178,24 @@ def train(cfg, name, resume=False, log=print):
     stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
     bar = progress(range(start, stop_at), name, total=total, initial=start, unit="step", show=rank == 0)
     for step in bar:
-        lr, tau = learning_rate(step, total, warmup, max_lr), tau_schedule(step, total, cfg.tau_base)
+        lr = lr_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # Randomness of a step: this process's (augmentation, noise) and one shared by all processes (W-MSE's
+        # sub-batches), both from (seed, step) only, so that a resumed run repeats an uninterrupted one.
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        shared = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_033 + step + 7)
         terms_sum = {}
         for micro in range(cfg.accumulate):
             batch, _, unreadable = next(batches)
             if unreadable:
                 raise UserError(f"cannot read image {images.describe(unreadable[0])}; fix or remove it")
-            batch = batch.to(device, non_blocking=True)
-            views = make_views(batch, augs, g)
+            views = cut_views(cfg, batch.to(device, non_blocking=True), augs, g)
             sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                total_loss, terms, z_online = compute_losses(cfg, model, target, views, g)
-                if not math.isfinite(total_loss.item()):
-                    raise Diverged(f"the loss became {total_loss.item()} at step {step} "
+                total_loss, terms, monitor = compute_losses(method, model, views, g, shared)
+                if not math.isfinite(terms["loss"]):
+                    raise Diverged(f"the loss became {terms['loss']} at step {step} "
                                    f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); "
                                    f"the last good checkpoint is {out / 'last.pth'}")
                 loss = total_loss / cfg.accumulate
@@ -241,11 +208,14 @@ def train(cfg, name, resume=False, log=print):
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(pairs, tau)
+        tau = method.tau(step, total) if pairs is not None else None
+        if pairs is not None:
+            ema_update(pairs, tau)
         done = step + 1
         if rank == 0 and (done % cfg.log_every_steps == 0 or done == stop_at):
-            std, erank = collapse_monitors(z_online)
-            last_metrics = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "tau": tau, **terms_sum,
+            std, erank = collapse_monitors(monitor)
+            last_metrics = {"step": done, "epoch": done / steps_per_epoch, "lr": lr,
+                            **({"tau": tau} if tau is not None else {}), **terms_sum,
                             "embedding_std": std, "effective_rank": erank, "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(last_metrics) + "\n")
@@ -254,12 +224,12 @@ def train(cfg, name, resume=False, log=print):
                     writer.add_scalar(k, v, done)
             bar.set_postfix(loss=f"{terms_sum['loss']:.4f}", std=f"{std:.3f}")
         if rank == 0 and (done % cfg.save_every_steps == 0 or done == stop_at):
-            state_file.save(checkpoint_state(cfg, done, online, target, opt, scaler, last_metrics))
+            state_file.save(checkpoint_state(cfg, done, method, opt, scaler, last_metrics))
     bar.close()
     if rank == 0:
         writer.close()
         if stop_at == total:
-            export_backbone(online, out / "backbone.pth")
+            export_backbone(method.online, out / "backbone.pth")
             log(f"done: {out / 'backbone.pth'} (evaluate it with evaluate/run.py --ckpt {out / 'backbone.pth'})")
         else:
             log(f"stopped at step {stop_at} of {total}; continue with --resume")

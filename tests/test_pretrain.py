@@ -1,5 +1,7 @@
 """Pretraining: schedules, LARS, EMA, configs, and a resumed run ending exactly where an uninterrupted one does."""
+import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +12,19 @@ import torch
 from core.cli import UserError
 from pretrain import train as train_mod
 from pretrain.config import load_config
-from pretrain.model import ema_update, tau_schedule
-from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate
+from pretrain.model import Encoder, ema_update, run_views, tau_schedule
+from pretrain.optim import LARS, lars_param_groups, learning_rate, max_learning_rate, step_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny training steps are latency-bound: one thread is several times faster than two on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ["crop_size=32", "batch_size=16", "epochs=1", "warmup_epochs=0", "max_steps=4", "workers=0",
         "proj_hidden=64", "pred_hidden=64", "proj_out=32", "save_every_steps=1", "log_every_steps=1"]
 
@@ -27,6 +38,16 @@ def test_schedules_hand_computed():
     assert tau_schedule(0, 100, 0.99) == pytest.approx(0.99)
     assert tau_schedule(50, 100, 0.99) == pytest.approx(0.995)
     assert tau_schedule(100, 100, 0.99) == pytest.approx(1.0)
+    assert max_learning_rate(0.3, 512, 2, "linear") == pytest.approx(0.6)  # BYOL, SimCLR v1: x batch/256
+    assert max_learning_rate(0.075, 4096, 2, "sqrt") == pytest.approx(4.8)  # SimCLR v2: 0.075 x 64
+    assert max_learning_rate(2e-3, 512, 4, "none") == 2e-3  # W-MSE, MoCo
+    assert learning_rate(100, 100, 10, 1.0, final_ratio=0.001) == pytest.approx(0.001)  # Barlow Twins' end LR
+    assert learning_rate(55, 100, 10, 1.0, final_ratio=0.001) == pytest.approx(0.5005)
+    # W-MSE: 500 warm-up iterations, x0.2 at epochs 190 and 215 of 240 (10 steps per epoch here)
+    assert step_learning_rate(0, 10, 240, 500, 2e-3) == pytest.approx(2e-3 / 500)
+    assert step_learning_rate(1899, 10, 240, 500, 2e-3) == pytest.approx(2e-3)
+    assert step_learning_rate(1900, 10, 240, 500, 2e-3) == pytest.approx(4e-4)
+    assert step_learning_rate(2150, 10, 240, 500, 2e-3) == pytest.approx(8e-5)
 
 
 def test_lars_step_hand_computed():
@@ -51,7 +72,8 @@ def test_ema_update_matches_formula():
     o = [torch.tensor([3.0, 0.0]), torch.tensor([1.0])]
     tb, ob = [torch.tensor([5.0])], [torch.tensor([7.0])]
     ema_update((t, o, tb, ob), tau=0.9)
-    assert torch.allclose(t[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2])) and torch.allclose(t[1], torch.tensor([0.1]))
+    assert torch.allclose(t[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2]))
+    assert torch.allclose(t[1], torch.tensor([0.1]))
     assert tb[0].item() == 7.0
 
 
@@ -66,25 +88,152 @@ def test_config_errors():
     assert (name, cfg.views, cfg.lambda_b, cfg.dataset) == ("in100_r18_k8", 8, 0.25, "imagenet100")
 
 
+@pytest.mark.parametrize("config, overrides, message", [
+    ("demo_simclr", ["lambda_s=0.1"], "config key lambda_s is not used by method simclr (whose own keys are: views, "
+                                      "temperature"),
+    ("demo", ["method=simclr"], "config key pred_hidden is not used by method simclr"),  # demo.yaml's MSBReg keys
+    ("demo_byol_uniformity", ["lambda_b=0.5"], "config key lambda_b is not used by method byol_uniformity"),
+    ("demo_mocov2", ["trust_coefficient=0.01"], "config key trust_coefficient is not used by optimizer sgd"),
+    ("demo", ["lr_drops=10,5"], "config key lr_drops is not used by lr_schedule cosine"),
+    ("demo_cpc", ["views=2"], "config key views is not used by method cpc"),
+    ("demo_simclr", ["temperature=0.2", "view_forward=diagonal"], "view_forward='diagonal' is not one of"),
+    ("demo_byol", ["views=4"], "method byol takes views=2, not 4"),
+    ("demo", ["loss=byol", "method=msbreg"], "the command line gives method msbreg and loss byol"),
+    ("demo_wmse", ["w_size=24"], "w_size 24 must divide the batch of one step (32 images)"),
+    ("demo_mocov2", ["queue_size=48"], "queue_size 48 must be a multiple of the batch of one step"),
+    ("demo_cpc", ["crop_size=42"], "crop_size 42 does not cut into a 3 x 3 grid"),
+    ("demo_wmse", ["warmup_epochs=1"], "give the warm-up once"),
+    ("demo_byol_multicrop", ["blur_p=[1.0,0.1]"], "blur_p lists 2 values for 8 views"),
+])
+def test_a_key_or_value_the_method_cannot_use_is_one_sentence(config, overrides, message):
+    with pytest.raises(UserError) as e:
+        load_config(config, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_loss_is_the_old_name_of_method():
+    cfg, _ = load_config("demo", ["loss=byol", "views=2", "lambda_s=0", "lambda_b=0"])
+    assert (cfg.method, cfg.loss, cfg.views) == ("byol", "byol", 2)
+    cfg, _ = load_config("demo_simclr")
+    assert (cfg.method, cfg.loss, cfg.views) == ("simclr", "simclr", 2)  # views default to the method's own
+
+
+def test_every_config_loads_and_every_method_key_exists():
+    from pretrain.config import CONFIG_DIR, METHODS, PretrainConfig
+    from pretrain.methods import METHODS as CLASSES
+
+    assert tuple(CLASSES) == METHODS
+    fields = set(PretrainConfig.__dataclass_fields__)
+    for cls in CLASSES.values():
+        assert set(cls.keys) <= fields, cls.name
+    exempt = {"base", "workers", "save_every_steps", "log_every_steps", "amp"}
+    seen = set()
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg, _ = load_config(path.stem)
+        seen.add(cfg.method)
+        for line in path.read_text().splitlines():  # each value states its source
+            key = line.split(":", 1)[0]
+            if line and not line.startswith((" ", "#")) and key not in exempt:
+                assert "#" in line or key.startswith("data_root"), f"{path.name}: {line}"
+    assert seen == set(METHODS)
+    for method in METHODS:  # a demo, an ImageNet-100 ResNet-18 and an ImageNet ResNet-50 config per method
+        stems = {"msbreg": ("demo", "in100_r18_k4", "imagenet_r50_k4"), "wmse": ("demo_wmse", "wmse_in100_r18",
+                 "wmse4_imagenet_r50")}.get(method, (f"demo_{method}", f"{method}_in100_r18", f"{method}_imagenet_r50"))
+        for stem in stems:
+            assert (CONFIG_DIR / f"{stem}.yaml").is_file(), stem
+    assert load_config("stl10_r18_k4")[0].stem == "3x3" and load_config("in100_r18_k4")[0].stem == "torchvision"
+    byol300 = load_config("byol_in100_r18_300")[0]  # BYOL's 300-epoch presets (Grill et al. App. F)
+    assert (byol300.epochs, byol300.tau_base, byol300.base_lr, byol300.weight_decay) == (300, 0.99, 0.3, 1e-6)
+
+
+def test_views_per_view_or_in_one_pass():
+    """per_view: BatchNorm statistics of each view alone (BYOL, W-MSE); one_pass: of all views together."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(3)
+    views = [torch.randn(5, 3) * (i + 1) + i for i in range(3)]
+    separate = run_views(bn, views, per_view=True)
+    joint = run_views(bn, views, per_view=False)
+    for v, s, j in zip(views, separate, joint):
+        assert torch.allclose(s, torch.nn.functional.batch_norm(v, None, None, training=True))
+    assert torch.allclose(torch.cat(joint), torch.nn.functional.batch_norm(torch.cat(views), None, None, training=True))
+    mixed = run_views(lambda x: x.mean(dim=(2, 3)), [torch.ones(2, 3, 8, 8), torch.ones(2, 3, 4, 4)], per_view=False)
+    assert [m.shape for m in mixed] == [(2, 3), (2, 3)]  # multi-crop: one pass per view size
+    enc = Encoder(torch.nn.Identity(), torch.nn.BatchNorm1d(3), head_on_concat=True)
+    z, p = enc(views)
+    assert p is None and torch.allclose(torch.cat(z), torch.nn.functional.batch_norm(torch.cat(views), None, None,
+                                                                                      training=True))
+
+
 def run_tiny(tmp_path, name, extra=(), resume=False):
     cfg, _ = load_config("demo", TINY + [f"out_dir={tmp_path / name}", *extra])
     return train_mod.train(cfg, name, resume=resume, log=lambda *a: None)
 
 
-def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, demo_root):
-    full = torch.load(run_tiny(tmp_path, "full") / "last.pth", weights_only=True)
-    run_tiny(tmp_path, "split", ["stop_after_steps=2"])
-    stopped = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    assert stopped["step"] == 2 and not (tmp_path / "split" / "backbone.pth").exists()
-    run_tiny(tmp_path, "split", resume=True)
-    resumed = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    assert resumed["step"] == full["step"] == 4
-    for part in ("online", "target"):
-        for k, v in full[part].items():
-            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
-    assert not torch.equal(full["online"]["backbone.conv1.weight"], stopped["online"]["backbone.conv1.weight"])
-    log = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 4 and "loss_singular" in log[-1] and "effective_rank" in log[-1]
+# One demo config per method (BYOL through its + L_b / + L_s variants), each cut down to two tiny steps.
+METHOD_DEMOS = ("demo", "demo_byol_lb", "demo_byol_ls", "demo_byol_uniformity", "demo_byol_multicrop", "demo_simclr",
+                "demo_simclrv2", "demo_mocov2", "demo_barlowtwins", "demo_wmse", "demo_drlim", "demo_cpc")
+TINY_METHOD = {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 32, "queue_size": 16, "bn_splits": 2,
+               "small_crops": 2, "small_crop_size": 8, "w_size": 8}
+
+
+def tiny_overrides(config):
+    """Two steps of 8 images at 16 px with small heads; only keys the config's method reads."""
+    from pretrain.config import used_keys
+
+    cfg, _ = load_config(config)
+    used = used_keys(cfg)
+    out = ["crop_size=16", "batch_size=8", "epochs=1", "max_steps=2", "workers=0", "save_every_steps=100",
+           "log_every_steps=1", "warmup_steps=1" if cfg.warmup_steps else "warmup_epochs=0"]
+    out += [f"{k}={v}" for k, v in TINY_METHOD.items() if k in used]
+    if cfg.method == "wmse":
+        out += ["proj_out=4", "stem=3x3"]  # w_size 8 > 4 dimensions; and the small-image stem's export
+    return out
+
+
+def test_every_method_trains_resumes_exactly_and_exports(tmp_path, demo_root, capsys):
+    """Each method: an uninterrupted run and a run stopped after step 1 then resumed end with the same online
+    network, target / key encoder (and MoCo's queue); the exported backbone loads as a plain ResNet, and its
+    records name the method."""
+    from backbones.checkpoints import load_checkpoint, make_encoder
+
+    for config in METHOD_DEMOS:
+        over = tiny_overrides(config)
+        cfg, _ = load_config(config, over + [f"out_dir={tmp_path / config / 'full'}"])
+        train_mod.train(cfg, config, log=lambda *a: None)
+        split = load_config(config, over + [f"out_dir={tmp_path / config / 'split'}", "stop_after_steps=1"])[0]
+        train_mod.train(split, config, log=lambda *a: None)
+        stopped = torch.load(tmp_path / config / "split" / "last.pth", weights_only=True)
+        assert stopped["step"] == 1 and not (tmp_path / config / "split" / "backbone.pth").exists()
+        resumed_cfg = load_config(config, over + [f"out_dir={tmp_path / config / 'split'}"])[0]
+        train_mod.train(resumed_cfg, config, resume=True, log=lambda *a: None)
+        full = torch.load(tmp_path / config / "full" / "last.pth", weights_only=True)
+        resumed = torch.load(tmp_path / config / "split" / "last.pth", weights_only=True)
+        assert resumed["step"] == full["step"] == 2 and full["method"] == cfg.method, config
+        for part in ("online", "target"):
+            assert full[part].keys() == resumed[part].keys()
+            for k, v in full[part].items():
+                assert torch.equal(v, resumed[part][k]), f"{config}: {part}.{k}"
+        assert not torch.equal(full["online"]["backbone.conv1.weight"], stopped["online"]["backbone.conv1.weight"])
+        has_target = cfg.method in ("msbreg", "byol", "byol_uniformity", "byol_multicrop", "mocov2")
+        assert bool(full["target"]) == has_target, config
+        log = [json.loads(line) for line in (tmp_path / config / "full" / "log.jsonl").read_text().splitlines()]
+        assert len(log) == 2 and all(math.isfinite(r["loss"]) and "effective_rank" in r for r in log), config
+        backbone = tmp_path / config / "full" / "backbone.pth"
+        model, info, arch = make_encoder(str(backbone))
+        assert arch == "resnet18" and info.pretraining["method"] == cfg.method, config
+        assert info.stem == ("3x3" if cfg.method == "wmse" else "torchvision"), config
+        assert load_checkpoint(tmp_path / config / "full" / "last.pth").pretraining["method"] == cfg.method
+    moco = torch.load(tmp_path / "demo_mocov2" / "full" / "last.pth", weights_only=True)["target"]
+    assert moco["queue"].shape == (16, 16) and int(moco["queue_ptr"]) == 0  # two batches of 8 keys went in
+    # the 3x3-stem W-MSE backbone through the evaluation command: the record names the method and the stem
+    from evaluate.run import cli
+
+    out = tmp_path / "eval"
+    assert cli(["--ckpt", str(tmp_path / "demo_wmse" / "full" / "backbone.pth"), "--task", "knn_in100", "--demo",
+                "--out", str(out)]) == 0
+    capsys.readouterr()
+    record = json.loads(next((out / "records").rglob("*.json")).read_text())
+    assert record["checkpoint"]["pretraining"]["method"] == "wmse" and record["checkpoint"]["stem"] == "3x3"
 
 
 def test_exported_backbone_evaluates_as_it_is(tmp_path, demo_root):
@@ -112,14 +261,16 @@ def test_resume_refuses_a_changed_config(tmp_path, demo_root):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, demo_root, monkeypatch):
-    real = train_mod.losses.multiview_centroid_loss
+    from pretrain import losses
+
+    real = losses.multiview_centroid_loss
     calls = {"n": 0}
 
     def flaky(p, z):
         calls["n"] += 1
         return real(p, z) * (float("nan") if calls["n"] == 3 else 1.0)
 
-    monkeypatch.setattr(train_mod.losses, "multiview_centroid_loss", flaky)
+    monkeypatch.setattr(losses, "multiview_centroid_loss", flaky)
     with pytest.raises(train_mod.Diverged, match="at step 2"):
         run_tiny(tmp_path, "nan")
     assert torch.load(tmp_path / "nan" / "last.pth", weights_only=True)["step"] == 2
@@ -178,11 +329,31 @@ def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):
     assert "Traceback" not in proc.stderr
 
 
-def test_two_process_ddp_on_cpu(tmp_path, demo_root):
-    """torchrun with 2 CPU processes (gloo): the singular value loss sees the global batch."""
+@pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
+def test_two_process_ddp_on_cpu(tmp_path, demo_root, config):
+    """torchrun with 2 CPU processes (gloo): MSBReg's singular value loss sees the global batch; MoCo's keys of
+    both processes enter the queue, and each process splits its own part of the batch for BatchNorm."""
+    args = [*TINY, "max_steps=2"] if config == "demo" else [*tiny_overrides(config), "batch_size=16", "queue_size=32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "pretrain/train.py"), "--config", "demo", *TINY, "max_steps=2", f"out_dir={tmp_path / 'ddp'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           str(REPO / "pretrain/train.py"), "--config", config, *args, f"out_dir={tmp_path / 'ddp'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "backbone.pth").is_file()
-    assert math.isfinite(torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["metrics"]["loss"])
+    state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert math.isfinite(state["metrics"]["loss"])
+    if config == "demo_mocov2":  # 2 steps x 16 keys (8 from each process) fill the queue of 32 exactly once
+        assert int(state["target"]["queue_ptr"]) == 0 and state["target"]["queue"].shape == (32, 16)
+
+
+def test_sweeps_expand_to_loadable_commands():
+    import yaml
+
+    from pretrain.sweep import commands
+
+    table11 = list(commands(yaml.safe_load((REPO / "pretrain/sweeps/table11.yaml").read_text())))
+    assert len(table11) == 3 * 4 * 5 and all("epochs=300" in c for c in table11)  # paper §10: 300 epochs
+    table8 = list(commands(yaml.safe_load((REPO / "pretrain/sweeps/table8.yaml").read_text())))
+    for cmd in table11[::7] + table8:
+        at = cmd.index("--config")
+        cfg, _ = load_config(cmd[at + 1], [a for a in cmd[at + 2:] if not a.startswith("out_dir=")])
+        assert cfg.epochs == (300 if cmd in table11 else 320)

@@ -1,0 +1,47 @@
+"""MSBReg (paper §3): K views, EMA target, L = L_c + λ_s L_s + λ_b L_b (Eq. 3-6).
+
+This is the file to copy for a new method: its networks, the config keys it reads, and `loss`, built from
+the pure functions of `pretrain/losses.py`.
+"""
+import torch
+
+from core.distributed import gather_with_grad
+from pretrain import losses
+from pretrain.methods.base import BYOL_NET_KEYS, Method, byol_networks
+
+REGULARISER_KEYS = ("lambda_s", "lambda_b", "svl_normalize")
+
+
+def add_regularisers(cfg, p, g, total, terms):
+    """+ λ_b L_b (one Gaussian direction per image, from the step's generator) + λ_s L_s (global batch)."""
+    if cfg.lambda_b:
+        noise = torch.randn(p.shape[0], p.shape[-1], generator=g, device=g.device).to(p.dtype)
+        terms["loss_brownian"] = losses.brownian_loss(p, noise)
+        total = total + cfg.lambda_b * terms["loss_brownian"]
+    if cfg.lambda_s:
+        terms["loss_singular"] = losses.singular_value_loss(gather_with_grad(p.float()), cfg.svl_normalize)
+        total = total + cfg.lambda_s * terms["loss_singular"]
+    return total
+
+
+class MSBReg(Method):
+    name = "msbreg"
+    source = "paper §3 (Eq. 3-6), §7"
+    keys = BYOL_NET_KEYS + REGULARISER_KEYS
+    fixed_views = None
+    ema = "cosine"
+
+    def __init__(self, cfg, world=1):
+        super().__init__(cfg, world)
+        self.online, self.target = byol_networks(cfg)
+
+    def target_projections(self, views):
+        with torch.no_grad():
+            return torch.stack(self.target(views)[0], 1)
+
+    def loss(self, out, views, g, shared):
+        z_online, p = out
+        p, z = torch.stack(p, 1), self.target_projections(views)
+        terms = {"loss_centroid": losses.multiview_centroid_loss(p, z)}
+        total = add_regularisers(self.cfg, p, g, terms["loss_centroid"], terms)
+        return total, terms, torch.cat(z_online)
