@@ -20,8 +20,8 @@ from pathlib import Path
 from core.cli import ArgumentParser, UserError
 from core.files import REPO_ROOT, atomic_write_bytes
 from results.record import read_records
-from results.tables import TITLES, Cell, build_table, checkpoint_key, protocol_matches, read_paper, row_matches, \
-    cell_protocol
+from results.tables import TITLES, Cell, build_table, cell_protocol, checkpoint_key, own_row, protocol_matches, \
+    read_paper, row_matches
 
 
 def _csv(rows) -> str:
@@ -53,7 +53,9 @@ def table_files(table, paper, records, ids):
             source, label, backbone, setting = "ours", key[1], key[3], ""
         texts = ["not reported" if source == "paper" and cells[m].paper is None and not cells[m].values
                  else cells[m].text() for m in metrics]
-        md.append(_md_row([source, label, backbone, setting] + texts))
+        # another paper's numbers beside our run of its method: a reproduction
+        reproduced = source == "paper" and not own_row(table, label) and any(c.values for c in cells.values())
+        md.append(_md_row(["paper, reproduced here" if reproduced else source, label, backbone, setting] + texts))
         for m in metrics:
             c = cells[m]
             used.update(c.records)

@@ -176,3 +176,24 @@ def test_detection_trials_fill_a_cell_with_their_mean_and_std(tmp_path, capsys):
     assert report_cli(["--records", str(tmp_path)]) == 0
     c = cell(read_rows(tmp_path / "tables" / "table5.csv"), "MSBReg K=4", "voc_det_ap50")
     assert (c["ours_mean"], c["ours_std"], c["n"]) == ("82.0000", "2.0000", "3")
+
+
+def test_runs_of_compared_methods_fill_their_rows_as_reproductions(tmp_path, capsys):
+    wmse4 = {"dataset": "imagenet100", "arch": "resnet18", "views": 4, "method": "wmse", "batch_size": 256,
+             "epochs": 240}
+    mocov2 = {"dataset": "imagenet", "arch": "resnet50", "views": 2, "method": "mocov2", "batch_size": 256,
+              "epochs": 200}
+    recs = {"linear_in100/w.json": record("linear_in100", {"in100_linear_top1": 78.5}, "w" * 64, wmse4),
+            "voc_det/m.json": {**record("linear_in100", {"voc_det_ap50": 81.9}, "m" * 64, mocov2, engine="detectron2"),
+                               "task": "voc_det", "arch": "resnet50", "probe": {"engine": "detectron2"}}}
+    for rel, rec in recs.items():
+        path = tmp_path / "records" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    assert cell(read_rows(tmp_path / "tables" / "table1.csv"), "W-MSE 4", "in100_linear_top1")["ours_mean"] == "78.5000"
+    # Table 5 writes "MoCo v2" where Table 2 writes "MoCo-v2": the run of the mocov2 method fills both spellings
+    assert cell(read_rows(tmp_path / "tables" / "table5.csv"), "MoCo v2", "voc_det_ap50")["ours_mean"] == "81.9000"
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| paper, reproduced here | W-MSE 4 | resnet18 |" in md
+    assert "| paper | MSBReg K=4 | resnet18 |" in md  # the paper's own rows are not reproductions
