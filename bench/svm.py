@@ -120,10 +120,15 @@ def main():
     print(f"mAP sklearn {np.mean(aps):.3f}, fast {np.mean(apa):.3f} (difference {np.mean(apa) - np.mean(aps):+.3f}); "
           f"largest per-class AP difference {max(abs(a - b) for a, b in zip(aps, apa)):.3f}; same cost chosen for "
           f"{same} of {len(rows)} classes")
-    consistent = all(ap_b == batched[0][1] and cost_b == batched[0][2] for _, ap_b, cost_b in batched) and \
-        all(batched[0][2][n] == c for n, c in zip((r[0] for r in rows), ca)) and \
-        max(abs(batched[0][1][n] - a) for n, a in zip((r[0] for r in rows), apa)) < 1e-6
-    print(f"(b) gave the same APs and costs as (a) in every run: {consistent}")
+    # (a) and (b) solve the same problems to the same gradient tolerance, alone or together: equal up to it
+    shown = [r[0] for r in rows]
+    first_ap, first_cost = batched[0][1], batched[0][2]
+    across = max(abs(ap_b[n] - first_ap[n]) for _, ap_b, _ in batched for n in shown)
+    vs_alone = max(abs(first_ap[n] - a) for n, a in zip(shown, apa))
+    costs = sum(first_cost[n] == c for n, c in zip(shown, ca))
+    print(f"(b) against (a): largest per-class AP difference {vs_alone:.4f}, same cost for {costs} of {len(shown)} "
+          f"classes; (b) over its {len(batched)} runs: largest AP difference {across:.4f}, costs "
+          f"{'identical' if all(cost_b == first_cost for _, _, cost_b in batched) else 'not identical'}")
 
 
 if __name__ == "__main__":
