@@ -16,10 +16,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
-from tqdm import tqdm
 
 from backbones.features import PooledTrunk, extract_features
 from core.cli import UserError
+from core.progress import progress
 from core.settings import setting
 from datasets.catalog import SUBDIRS
 from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
@@ -104,7 +104,7 @@ def _sklearn_scores(xtr, labels, xte, p):
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear at C=1000 rarely converges; as the reference
-        for c, y in tqdm(labels.items(), desc="voc07 svm (sklearn)", leave=False):
+        for c, y in progress(labels.items(), "voc07 svm (sklearn, classes)", total=len(labels), unit="class"):
             cost, _ = choose_cost(xtr, y, p)
             if cost is not None:
                 out[c] = cost, _svm(cost, p).fit(xtr, y).decision_function(xte)
@@ -129,7 +129,7 @@ def _fast_scores(xtr, labels, xte, p, device, shared=None):
         return np.concatenate([w, b[:, None]], 1)
 
     cv, solutions, init = {}, {}, None
-    for cost in (sorted(p.costs) if problems else []):
+    for cost in progress(sorted(p.costs) if problems else [], "voc07 svm (costs)", unit="cost"):
         init = fit([c for c, _, _ in problems], [cost] * len(problems), [m for _, _, m in problems], init)
         decisions = xtr @ init[:, :-1].T + init[:, -1]  # (n, problems): one product for every fold's validation
         for j, ((c, va, _), wb) in enumerate(zip(problems, init)):
