@@ -4,8 +4,9 @@
     python bench/demo_quality.py [--out runs/demo_quality] [--configs demo,demo_simclr] [--reuse]
 
 Pretrains each `demo_<method>` config (a few minutes each on 2 CPU cores), evaluates its exported backbone
-and a random ResNet-18 on the demo kNN and linear tasks, and prints one table: top-1 of the 20-NN and linear tasks, the
-mean of all the kNN top-1s (every k) minus the random encoder's, and the final embedding std and effective rank from the run's log.
+and a random ResNet-18 on the demo kNN and linear tasks, and prints one table: top-1 of the 20-NN and linear
+tasks, the mean of all the kNN top-1s (every k) minus the random encoder's, and the final embedding std and
+effective rank from the run's log.
 `--reuse` skips the pretraining of a config whose run folder already holds a backbone.pth.
 """
 import argparse

@@ -169,7 +169,8 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
     transform = EvalTransform(p.resize, 0, tuple(mean), tuple(std), square=p.square)
     model, layer = ctx.model, "pool"
     if p.feature == "res5":
-        model, layer = PooledTrunk(ctx.model, p.pool_kernel, p.pool_stride), f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
+        model = PooledTrunk(ctx.model, p.pool_kernel, p.pool_stride)
+        layer = f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
     feats = {}
     for name, data in splits.items():
         x, _, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, data, transform,
