@@ -8,7 +8,7 @@ from core.cli import UserError
 from core.distributed import gather_with_grad
 from pretrain import losses
 from pretrain.methods.base import BYOL_NET_KEYS, in_fp32, view_augments
-from pretrain.methods.msbreg import REGULARISER_KEYS, MSBReg, add_regularisers
+from pretrain.methods.msbreg import REGULARISER_KEYS, MSBReg
 
 
 class BYOL(MSBReg):
@@ -18,13 +18,7 @@ class BYOL(MSBReg):
     source = "BYOL (deepmind-research byol/byol_experiment.py loss_fn); paper Tables 8, 11"
     keys = BYOL_NET_KEYS + REGULARISER_KEYS
     fixed_views = 2
-
-    def loss(self, out, views, g, shared):
-        z_online, p = out
-        p, z = torch.stack(p, 1), self.target_projections(views)
-        terms = {"loss_byol": losses.byol_loss(p, z)}
-        total = add_regularisers(self.cfg, p, g, terms["loss_byol"], terms)
-        return total, terms, torch.cat(z_online)
+    alignment = ("loss_byol", "byol_loss")
 
 
 class BYOLUniformity(MSBReg):

@@ -30,6 +30,9 @@ class MSBReg(Method):
     keys = BYOL_NET_KEYS + REGULARISER_KEYS
     fixed_views = None
     ema = "cosine"
+    # the alignment term that the regularisers are added to: its log name and its function in pretrain.losses
+    # (looked up at each step); BYOL swaps it
+    alignment = ("loss_centroid", "multiview_centroid_loss")
 
     def __init__(self, cfg, world=1):
         super().__init__(cfg, world)
@@ -42,6 +45,7 @@ class MSBReg(Method):
     def loss(self, out, views, g, shared):
         z_online, p = out
         p, z = torch.stack(p, 1), self.target_projections(views)
-        terms = {"loss_centroid": losses.multiview_centroid_loss(p, z)}
-        total = add_regularisers(self.cfg, p, g, terms["loss_centroid"], terms)
+        name, loss = self.alignment
+        terms = {name: getattr(losses, loss)(p, z)}
+        total = add_regularisers(self.cfg, p, g, terms[name], terms)
         return total, terms, torch.cat(z_online)
