@@ -2,6 +2,7 @@
 no-ops in a single process."""
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -12,18 +13,48 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_distributed(want_cuda: bool):
-    """Place this process: under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, Gloo on CPU)
-    and take the GPU of LOCAL_RANK. Returns (torch.device, rank, world size)."""
+def resolve_device(requested=None, world=None, option="--device ") -> torch.device:
+    """The one device of a run, from the command line's `--device` (None or 'auto': CUDA when there is one).
+
+    Under torchrun (WORLD_SIZE > 1) each process takes the GPU of its LOCAL_RANK, so only 'cpu' or 'cuda' may be
+    asked for; in one process 'cuda:N' is GPU N. The returned torch.device is what every task receives.
+    `option` names the setting in errors ('--device ' for the commands, 'device=' for pretraining)."""
+    from core.cli import UserError
+
+    world = world_size() if world is None else world
+    requested = None if requested in (None, "auto") else str(requested)
+    if requested is not None and not (requested == "cpu" or re.fullmatch(r"cuda(:\d+)?", requested)):
+        raise UserError(f"{option}{requested!r} is not cpu, cuda or cuda:N")
+    if requested is not None and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{option}{requested} asked for CUDA, but no CUDA device is available; use {option}cpu")
+    if world > 1 and requested not in (None, "cpu", "cuda"):
+        raise UserError(f"under torchrun {option.strip()} is cpu or cuda (each process takes the GPU of its LOCAL_RANK), "
+                        f"not {requested!r}")
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if world > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        index = int(requested.split(":")[1]) if ":" in requested else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UserError(f"{option}{requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def setup_distributed(device: torch.device):
+    """Place this process on `device` (from `resolve_device`): make it the current CUDA device, and under torchrun
+    (WORLD_SIZE > 1) join the process group (NCCL on CUDA, Gloo on CPU). Returns (torch.device, rank, world)."""
+    device = torch.device(device)
     world = world_size()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-    if want_cuda:
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         # Rank 0 alone scores the test set after training while the others wait for the next collective:
         # a long timeout, so that a large test set does not end the run.
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(hours=3))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3),
+                                device_id=device if device.type == "cuda" else None)
     return device, rank, world
 
 

@@ -131,21 +131,6 @@ def parse_overrides(items, tasks):
     return out
 
 
-def resolve_device(requested, world=1):
-    import torch
-
-    if world > 1 and requested not in (None, "cpu", "cuda"):
-        raise UserError(f"under torchrun --device is cpu or cuda (each process takes the GPU of its LOCAL_RANK), "
-                        f"not {requested!r}")
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested} asked for CUDA, but no CUDA device is available; use --device cpu")
-    if not (requested == "cpu" or requested.startswith("cuda")):
-        raise UserError(f"--device {requested!r} is not cpu or cuda[:N]")
-    return requested
-
-
 def resolve_protocols(tasks, overrides, demo):
     """Each task's protocol with --demo's and --set's values, resolved before any work so that a bad value
     stops the run at once."""
@@ -193,7 +178,7 @@ def main(argv=None) -> int:
     checkpoint_values, overrides = split_settings(parse_overrides(args.overrides, tasks))
     settings = resolve_settings(checkpoint_values)
     world = distributed.world_size()
-    device = resolve_device(args.device, world)
+    device = distributed.resolve_device(args.device, world)
     if args.demo:
         data_root = ensure_demo()
     elif args.data_root is None:
@@ -208,15 +193,14 @@ def main(argv=None) -> int:
         alone = [t.name for t, p in zip(tasks, protocols) if not t.distributed(p)]
         if alone:
             raise UserError(f"{', '.join(alone)} cannot share its work over processes; run it with plain python")
-    placed, rank, world = distributed.setup_distributed(device.startswith("cuda"))
-    device = str(placed) if world > 1 else device
+    device, rank, world = distributed.setup_distributed(device)
     say = print if rank == 0 else (lambda *a, **k: None)
 
     model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part,
                                            args.ckpt_key, settings)
     describe_checkpoint(checkpoint, arch, device, say)
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
-                     rank, world)
+                     rank, world, args.device)
     command = "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for t, (p, published) in zip(tasks, resolved):
         say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}")
@@ -228,7 +212,7 @@ def main(argv=None) -> int:
             task=t.name, demo=args.demo, metrics=out.metrics, engine=out.engine, probe=out.probe,
             data={"dataset": getattr(p, "dataset", None), "root": str(data_root), **out.info},
             protocol=as_record(p, published, t.presets), checkpoint=checkpoint.describe(), arch=arch, seed=args.seed,
-            device=device, command=command, started=started)
+            device=str(device), command=command, started=started)
         path = records.write_record(args.out, record, out.artifacts)
         for name, value in out.metrics.items():
             print(f"  {name} = {value:.2f}")

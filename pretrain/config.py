@@ -119,7 +119,8 @@ class PretrainConfig:
     accumulate: int = s(1, "micro-batches per step (gradient accumulation)")
     # runtime
     seed: int = s(0, "runtime")
-    device: str = s("auto", "runtime: auto (CUDA when there is one), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    device: str = s("auto", "runtime: auto (CUDA when there is one), cpu, cuda or cuda:N (under torchrun: each process "
+                             "takes the GPU of its LOCAL_RANK)")
     amp: str = s("bf16", "runtime: mixed precision on GPU (CPU runs in fp32)", choices=("none", "bf16", "fp16"))
     channels_last: bool = s(True, "runtime (GPU only)")
     sync_bn: bool = s(False, "runtime: SyncBatchNorm under torchrun")

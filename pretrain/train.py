@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from core.cli import ArgumentParser, UserError, run_cli  # noqa: E402
-from core.distributed import setup_distributed, shutdown  # noqa: E402
+from core.distributed import resolve_device, setup_distributed, shutdown  # noqa: E402
 from core.files import atomic_torch_save, atomic_write_text  # noqa: E402
 from core.progress import progress  # noqa: E402
 from core.resume import StateFile  # noqa: E402
@@ -106,10 +106,7 @@ def describe_config_change(saved, current) -> str:
 
 
 def setup_device(cfg):
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda, but no CUDA device is available; use device=cpu")
-    return setup_distributed(want_cuda)
+    return setup_distributed(resolve_device(cfg.device, option="device="))
 
 
 def train(cfg, name, resume=False, log=print):

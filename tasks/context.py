@@ -10,7 +10,7 @@ class RunContext:
     checkpoint: object  # backbones.checkpoints.Checkpoint
     arch: str
     data_root: Path
-    device: str
+    device: object  # torch.device: the one device of the run (core.distributed.resolve_device)
     seed: int
     demo: bool
     out_dir: Path
@@ -18,6 +18,7 @@ class RunContext:
     log: object = print
     rank: int = 0  # under torchrun: this process's rank and the process count
     world: int = 1
+    device_asked: str = None  # --device as given (None: the default); `cuda` lets Detectron2 launch on every GPU
 
     def state_path(self, task_name, seed=None, suffix=".pt") -> Path:
         """Where a training task keeps its resumable state: one file (or folder) per task, checkpoint and seed."""

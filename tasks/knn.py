@@ -38,7 +38,7 @@ class KnnProtocol(FrozenFeatureProtocol):
                                        "scalar quantizer), so that an ImageNet bank (1.28M x 2048) fits in 24 GB")
 
 
-def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, use_gpu: bool,
+def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, device="cpu",
                bank_dtype: str = "float32", block: int = 32768):
     """Exact inner-product search: (similarities, indices), each (Q, k) on the CPU, best first.
 
@@ -49,7 +49,7 @@ def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, us
     and a heap per query) finds the block's top k for `chunk` queries at a time: a float16 bank searches at
     the float32 rate, and its similarities are the float32 products with the stored bank, so its
     neighbours are those of a float32 search except for ties within float16 rounding. With CUDA the
-    blocks are copied to the GPU in turn (the bank need not fit there) and multiplied with torch, a float16
+    blocks are copied to `device` (the run's GPU) in turn (the bank need not fit there) and multiplied with torch, a float16
     bank with float16 queries in half precision with float32 accumulation and output.
     """
     if bank_dtype not in ("float32", "float16"):
@@ -57,7 +57,7 @@ def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, us
     if not 0 < k <= len(bank):
         raise ValueError(f"k = {k} neighbours asked of a bank of {len(bank)}")
     dtype = getattr(torch, bank_dtype)
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     on_cpu, bank = device.type == "cpu", bank.to(dtype)
     half_matmul = not on_cpu and dtype == torch.float16
     queries = queries.to(device, dtype if half_matmul else torch.float32).contiguous()
@@ -88,11 +88,11 @@ def merge_topk(sims_a, idx_a, sims_b, idx_b, k):
     return sims, torch.cat([idx_a, idx_b], 1).gather(1, pos)
 
 
-def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4096, use_gpu=False,
+def knn_classify(train_x, train_y, test_x, ks, temperature, num_classes, chunk=4096, device="cpu",
                  bank_dtype="float32"):
     """{k: class scores (Q, C)} for every k in `ks` from one search for max(ks) neighbours."""
     train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    sims, idx = knn_search(train_x, test_x, max(ks), chunk, use_gpu, bank_dtype)
+    sims, idx = knn_search(train_x, test_x, max(ks), chunk, device, bank_dtype)
     neighbour_labels = train_y[idx]
     return {k: weighted_knn_scores(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature) for k in ks}
 
@@ -127,7 +127,7 @@ def run(ctx, p: KnnProtocol) -> TaskOutput:
         info["distance"] = "euclidean, unnormalised features, majority vote"
     else:
         scores = knn_classify(xtr, ytr, xte, p.k, p.temperature, p.num_classes, p.query_chunk,
-                              use_gpu=ctx.device.startswith("cuda"), bank_dtype=p.bank_dtype)
+                              device=ctx.device, bank_dtype=p.bank_dtype)
         for k, s in scores.items():
             acc = topk_accuracy(s, yte, (1, 5))
             metrics[f"{p.metric_prefix}_knn{k}_top1"] = acc[1]

@@ -25,7 +25,7 @@ def brute_force(bank, queries, k):
 @pytest.mark.parametrize("block, chunk", [(8192, 4096), (333, 17), (50, 1)])
 def test_float32_bank_is_an_exact_search(block, chunk):
     bank, queries = unit(2000, 24, 0), unit(60, 24, 1)
-    sims, idx = knn_search(bank, queries, 25, chunk, False, "float32", block=block)
+    sims, idx = knn_search(bank, queries, 25, chunk, "cpu", "float32", block=block)
     _, exact_sims, exact_idx = brute_force(bank, queries, 25)
     assert sims.dtype == torch.float32 and idx.dtype == torch.long and sims.shape == idx.shape == (60, 25)
     assert torch.equal(idx, exact_idx)  # continuous random data: no ties
@@ -35,7 +35,7 @@ def test_float32_bank_is_an_exact_search(block, chunk):
 @pytest.mark.parametrize("block, chunk", [(8192, 4096), (333, 17)])
 def test_float16_bank_finds_the_exact_neighbours_up_to_float16_ties(block, chunk):
     bank, queries = unit(3000, 32, 2), unit(80, 32, 3)
-    sims, idx = knn_search(bank, queries, 40, chunk, False, "float16", block=block)
+    sims, idx = knn_search(bank, queries, 40, chunk, "cpu", "float16", block=block)
     all_exact, exact_sims, exact_idx = brute_force(bank, queries, 40)
     ours_exact = all_exact.gather(1, idx)  # exact similarity of each neighbour we returned
     # at every rank, our neighbour is as similar as the exact one up to float16 rounding
@@ -48,7 +48,7 @@ def test_float16_bank_finds_the_exact_neighbours_up_to_float16_ties(block, chunk
             assert abs(all_exact[q, j] - exact_sims[q, -1]) <= FLOAT16_TIE
     assert (idx == exact_idx).float().mean() > 0.95
     # a bank already stored in float16 gives the same answer
-    sims16, idx16 = knn_search(bank.half(), queries, 40, chunk, False, "float16", block=block)
+    sims16, idx16 = knn_search(bank.half(), queries, 40, chunk, "cpu", "float16", block=block)
     assert torch.equal(idx16, idx) and torch.equal(sims16, sims)
 
 
@@ -65,9 +65,9 @@ def test_merge_topk_is_the_topk_of_the_union():
 def test_bad_requests():
     bank, queries = unit(10, 4, 5), unit(2, 4, 6)
     with pytest.raises(UserError, match="bank_dtype"):
-        knn_search(bank, queries, 3, 4, False, "int8")
+        knn_search(bank, queries, 3, 4, "cpu", "int8")
     with pytest.raises(ValueError, match="k = 11"):
-        knn_search(bank, queries, 11, 4, False)
+        knn_search(bank, queries, 11, 4, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -75,7 +75,7 @@ def test_cuda_half_precision_search_matches_the_cpu():
     bank, queries = unit(5000, 64, 7), unit(100, 64, 8)
     all_exact, exact_sims, _ = brute_force(bank, queries, 30)
     for dtype in ("float32", "float16"):
-        sims, idx = knn_search(bank, queries, 30, 64, True, dtype, block=1000)
+        sims, idx = knn_search(bank, queries, 30, 64, "cuda", dtype, block=1000)
         assert sims.device.type == "cpu"
         # the queries are rounded to float16 as well on the GPU: up to two roundings per side
         assert (all_exact.gather(1, idx) - exact_sims).abs().max() <= 2 * FLOAT16_TIE

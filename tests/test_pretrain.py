@@ -295,9 +295,9 @@ def test_cli_exit_codes(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "demo", "head_norm=groupnorm"], "config head_norm='groupnorm' is not one of batchnorm, layernorm"),
-    (["--config", "demo", "device=gpu"], "config device='gpu' is not one of auto, cpu, cuda"),
+    (["--config", "demo", "device=gpu"], "device='gpu' is not cpu, cuda or cuda:N"),
     (["--config", "demo", "amp=bf61"], "config amp='bf61' is not one of none, bf16, fp16"),
-    (["--config", "demo", "device=cuda", "max_steps=1"], "device=cuda, but no CUDA device is available"),
+    (["--config", "demo", "device=cuda", "max_steps=1"], "device=cuda asked for CUDA, but no CUDA device is available"),
     (["--config", "{orphan}"], "names base: no_such_config, but there is no"),
 ])
 def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, args, message):

@@ -43,7 +43,10 @@ def make_config(task, p, arch, device, seed, output_dir, weights, train_name, te
     cfg = get_cfg()
     cfg.merge_from_file(str(CONFIG_FILES[task]))
     m, s = cfg.MODEL, cfg.SOLVER
-    m.DEVICE, m.WEIGHTS = "cuda" if device.startswith("cuda") else "cpu", str(weights)
+    # launched workers each take the GPU of their local rank ("cuda"); one process takes the device asked for
+    device = torch.device(device)
+    m.DEVICE = "cuda" if device.type == "cuda" and world > 1 else str(device)
+    m.WEIGHTS = str(weights)
     m.RESNETS.DEPTH = DEPTHS[arch]
     if DEPTHS[arch] < 50:
         m.RESNETS.RES2_OUT_CHANNELS = 64  # Detectron2's BasicBlock ResNets
@@ -108,7 +111,8 @@ def train_and_predict(ctx, p, task, train, test, classes, seed, output_dir):
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    world = torch.cuda.device_count() if ctx.device == "cuda" else 1
+    every_gpu = ctx.device.type == "cuda" and ctx.device_asked in (None, "auto", "cuda")  # not cuda:N
+    world = torch.cuda.device_count() if every_gpu else 1
     weights = detectron2_weights(ctx.model, output_dir / "init_weights.pkl")
     names = (f"ssl_suite_{task}_train", f"ssl_suite_{task}_test")
     cfg = make_config(task, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world)

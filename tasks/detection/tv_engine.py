@@ -176,12 +176,13 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
         opt.load_state_dict(saved["optimizer"])
         start = saved["iteration"]
         log(f"  resumed {state.path.name} at iteration {start}")
-    amp = device.startswith("cuda")
+    device = torch.device(device)
+    amp = device.type == "cuda"
     net = model
     if world > 1:
         if amp:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, BN over the global batch
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device)] if amp else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     batches = iter(_loader(records, p, task == "coco_instseg", seed, start, rank, world))
     bar = progress(range(start, p.max_iter), f"{task} train", total=p.max_iter, initial=start, show=rank == 0)
