@@ -10,7 +10,8 @@
 
 Writes `<out_dir>/last.pth` (everything needed to resume; atomically, every `save_every_steps` and
 at the end), `backbone.pth` (the online ResNet in torchvision format, no `fc`: `evaluate/run.py
---ckpt` takes it as it is), `config.yaml`, `log.jsonl` and TensorBoard events under `tb/`.
+--ckpt` takes it as it is), `backbone_epoch{N:04d}.pth` (the same export after N epochs, every
+`save_every_epochs` epochs when set), `config.yaml`, `log.jsonl` and TensorBoard events under `tb/`.
 Exit codes: 0 done (or stopped by `stop_after_steps`); 2 a mistake in the command or config; 1 a
 bug, or a loss that became NaN/Inf (the last good checkpoint is kept).
 """
@@ -43,7 +44,7 @@ from pretrain.optim import build_optimizer, max_learning_rate, schedule  # noqa:
 
 CHECKPOINT_FORMAT = "ssl-suite-pretrain"
 # Keys that may change when a run is resumed; every other key must match the stopped run's config.
-RUNTIME_KEYS = {"workers", "save_every_steps", "log_every_steps", "stop_after_steps", "device", "out_dir"}
+RUNTIME_KEYS = {"workers", "save_every_steps", "save_every_epochs", "log_every_steps", "stop_after_steps", "device", "out_dir"}
 
 
 class Diverged(Exception):
@@ -220,6 +221,8 @@ def train(cfg, name, resume=False, log=print):
                 if k not in ("step", "time"):
                     writer.add_scalar(k, v, done)
             bar.set_postfix(loss=f"{terms_sum['loss']:.4f}", std=f"{std:.3f}")
+        if rank == 0 and cfg.save_every_epochs and done % (cfg.save_every_epochs * steps_per_epoch) == 0:
+            export_backbone(method.online, out / f"backbone_epoch{done // steps_per_epoch:04d}.pth")
         if rank == 0 and (done % cfg.save_every_steps == 0 or done == stop_at):
             state_file.save(checkpoint_state(cfg, done, method, opt, scaler, last_metrics))
     bar.close()

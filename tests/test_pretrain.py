@@ -357,3 +357,35 @@ def test_sweeps_expand_to_loadable_commands():
         at = cmd.index("--config")
         cfg, _ = load_config(cmd[at + 1], [a for a in cmd[at + 2:] if not a.startswith("out_dir=")])
         assert cfg.epochs == (300 if cmd in table11 else 320)
+
+
+@pytest.fixture
+def epochs_of_two_steps(monkeypatch):
+    """The demo images cut to 32, so that a batch of 16 makes an epoch of two steps."""
+
+    class FirstImages(train_mod.SquareImages):
+        def __init__(self, splits, size):
+            super().__init__(splits, size)
+            self.items = self.items[:32]
+
+    monkeypatch.setattr(train_mod, "SquareImages", FirstImages)
+
+
+def test_save_every_epochs_exports_the_backbone_after_each_epoch(tmp_path, demo_root, epochs_of_two_steps):
+    """backbone_epoch0001.pth is the online backbone after epoch 1 (step 2), backbone_epoch0002.pth after
+    epoch 2, equal to the final backbone.pth; a resumed run keeps numbering by completed epochs."""
+    out = run_tiny(tmp_path, "epochs", ["save_every_epochs=1", "epochs=2", "max_steps=0", "stop_after_steps=3"])
+    after_two = torch.load(out / "last.pth", weights_only=True)  # saved every step: step 3 now
+    first = torch.load(out / "backbone_epoch0001.pth", weights_only=True)
+    assert sorted(p.name for p in out.glob("backbone*.pth")) == ["backbone_epoch0001.pth"]
+    assert after_two["step"] == 3 and not any(k.startswith("fc.") for k in first)
+    run_tiny(tmp_path, "epochs", ["save_every_epochs=1", "epochs=2", "max_steps=0"], resume=True)
+    second = torch.load(out / "backbone_epoch0002.pth", weights_only=True)
+    final = torch.load(out / "backbone.pth", weights_only=True)
+    assert second.keys() == final.keys() == first.keys()
+    assert all(torch.equal(second[k], final[k]) for k in final)
+    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+    # epoch 1 is the network after step 2: a run stopped there saved the same weights
+    two = run_tiny(tmp_path, "two", ["epochs=2", "max_steps=0", "stop_after_steps=2"])
+    online = torch.load(two / "last.pth", weights_only=True)["online"]
+    assert all(torch.equal(first[k], online[f"backbone.{k}"]) for k in first)
