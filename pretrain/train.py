@@ -143,11 +143,12 @@ def train(cfg, name, resume=False, log=print):
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start, last_metrics = 0, {}
-    state_file = StateFile(out / "last.pth", resume, resumable_settings(cfg), describe_config_change, device)
-    if resume:
-        state = state_file.load()
-        if state is None:
-            raise UserError(f"--resume: no checkpoint at {state_file.path}")
+    state_file = StateFile(out / "last.pth", resume, resumable_settings(cfg), describe_config_change, device,
+                           log=log if rank == 0 else (lambda *a: None))
+    state = state_file.load() if resume else None
+    if resume and state is None and not state_file.found:
+        raise UserError(f"--resume: no checkpoint at {state_file.path}")
+    if state is not None:
         method.online.load_state_dict(state["online"])
         if method.target is not None:
             method.target.load_state_dict(state["target"])
@@ -155,7 +156,7 @@ def train(cfg, name, resume=False, log=print):
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         start, last_metrics = state["step"], state["metrics"]
-        log(f"resumed {state_file.path} at step {start}")
+        log(f"resumed {state_file.loaded_from} at step {start}")
     model = torch.nn.parallel.DistributedDataParallel(method.online, device_ids=[device] if cuda else None) \
         if world > 1 else method.online
     pairs = method.ema_pairs()
@@ -240,7 +241,8 @@ def train(cfg, name, resume=False, log=print):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a name in pretrain/configs/ or a YAML path")
-    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pth")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pth (from the previous "
+                        "state last.pth.prev when last.pth is unreadable, from the start when neither reads)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg, name = load_config(args.config, args.overrides)

@@ -122,7 +122,8 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
     scaler = torch.amp.GradScaler("cuda", enabled=finetune and device.type == "cuda"
                                   and autocast_dtype(device) == torch.float16)
     labels = torch.as_tensor(train.labels)
-    state = StateFile(ctx.state_path(task_name), ctx.resume, repr(p), device=device)
+    state = StateFile(ctx.state_path(task_name), ctx.resume, repr(p), device=device,
+                      log=ctx.log if rank == 0 else (lambda *a: None))
     start, history = 0, []
     saved = state.load()
     if saved is not None:
@@ -131,7 +132,7 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
             model.load_state_dict(saved["encoder"])
         opt.load_state_dict(saved["optimizer"])
         start, history = saved["epoch"], saved["history"]
-        ctx.log(f"  resumed {state.path.name} after epoch {start}")
+        ctx.log(f"  resumed {state.loaded_from.name} after epoch {start}")
     info = {}
     if world > 1:
         # Finetuning normalises over the global batch where the hardware allows (SyncBatchNorm needs CUDA).

@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from evaluate.run import cli
 import core.resume
@@ -22,23 +23,81 @@ def metrics_of(out):
     return json.loads(next((out / "records").rglob("*.json")).read_text())["metrics"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatch, demo_root):
-    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]
-    assert cli(args + ["--out", str(tmp_path / "full")]) == 0
-    real, calls = core.resume.atomic_torch_save, {"n": 0}
+ARGS = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]  # 3 epochs
 
-    def interrupted_after_first_epoch(obj, path):
-        real(obj, path)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
 
-    monkeypatch.setattr(core.resume, "atomic_torch_save", interrupted_after_first_epoch)
-    assert cli(args + ["--out", str(tmp_path / "split")]) == 130
-    assert not (tmp_path / "split" / "records").exists()
-    assert cli(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
-    assert "after epoch 1" in capsys.readouterr().out
-    assert metrics_of(tmp_path / "split") == metrics_of(tmp_path / "full")
+def state_of(out):
+    (path,) = (out / "state").glob("*.pt")
+    return path
+
+
+def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path, capsys, monkeypatch, demo_root):
+    """Interrupted after epoch 2: with its state file truncated, --resume continues from the previous state
+    (epoch 1); with both files unreadable, it starts over. Each says which in one line; the record is the
+    uninterrupted run's."""
+    assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
+    real = core.resume.atomic_save
+    for name, damage, message in (("truncated", "half", "resuming from the previous state"),
+                                  ("empty", "both", "starting over")):
+        calls = {"n": 0}
+
+        def interrupted_after_second_epoch(path, write):
+            real(path, write)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(core.resume, "atomic_save", interrupted_after_second_epoch)
+        out = tmp_path / name
+        assert cli(ARGS + ["--out", str(out)]) == 130
+        monkeypatch.setattr(core.resume, "atomic_save", real)
+        state = state_of(out)
+        assert torch.load(state.with_name(state.name + ".prev"), weights_only=True)["epoch"] == 1
+        data = state.read_bytes()
+        state.write_bytes(data[:len(data) // 2] if damage == "half" else b"")
+        if damage == "both":
+            state.with_name(state.name + ".prev").write_bytes(b"\x00" * 10)
+        capsys.readouterr()
+        assert cli(ARGS + ["--out", str(out), "--resume"]) == 0
+        said = [line for line in capsys.readouterr().out.splitlines() if "--resume:" in line]
+        assert len(said) == 1 and message in said[0], said
+        assert metrics_of(out) == metrics_of(tmp_path / "full")
+
+
+def test_kill_9_in_the_middle_of_a_probe_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, demo_root):
+    """A real process killed (SIGKILL) as soon as an epoch's state is saved; the same command with --resume
+    writes the uninterrupted run's record, with a bit-equal head (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from core.files import REPO_ROOT
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "evaluate" / "run.py"), *ARGS, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not list((killed / "state").glob("*.pt")) and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "records").exists()
+    assert torch.load(state_of(killed), weights_only=True)["epoch"] < 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed process ran
+    try:
+        assert cli(ARGS + ["--out", str(killed), "--resume"]) == 0
+        assert "resumed" in capsys.readouterr().out
+        assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics_of(killed) == metrics_of(tmp_path / "full")
+    heads = [torch.load(state_of(d), weights_only=True)["head"] for d in (killed, tmp_path / "full")]
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
 def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path, capsys, monkeypatch, demo_root):

@@ -164,6 +164,10 @@ def test_views_per_view_or_in_one_pass():
                                                                                       training=True))
 
 
+# Smaller still, for the tests that train the same steps three times (resume after damage, kill -9).
+SMALL = ["crop_size=16", "batch_size=8", "views=2"]
+
+
 def run_tiny(tmp_path, name, extra=(), resume=False):
     cfg, _ = load_config("demo", TINY + [f"out_dir={tmp_path / name}", *extra])
     return train_mod.train(cfg, name, resume=resume, log=lambda *a: None)
@@ -389,3 +393,65 @@ def test_save_every_epochs_exports_the_backbone_after_each_epoch(tmp_path, demo_
     two = run_tiny(tmp_path, "two", ["epochs=2", "max_steps=0", "stop_after_steps=2"])
     online = torch.load(two / "last.pth", weights_only=True)["online"]
     assert all(torch.equal(first[k], online[f"backbone.{k}"]) for k in first)
+
+
+def assert_same_networks(a, b):
+    for part in ("online", "target"):
+        assert a[part].keys() == b[part].keys()
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_starts_over(tmp_path, demo_root):
+    """--resume with a truncated last.pth continues from last.pth.prev (the step before), with an empty one
+    and an unreadable previous state it starts over; each says which in one line and ends where an
+    uninterrupted run does."""
+    full = torch.load(run_tiny(tmp_path, "full", SMALL + ["max_steps=3"]) / "last.pth", weights_only=True)
+    for name, damage, message in (("truncated", "half", "resuming from the previous state"),
+                                  ("empty", "both", "starting over")):
+        out = tmp_path / name
+        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3", "stop_after_steps=2"])
+        train_mod.train(cfg, name, log=lambda *a: None)
+        assert torch.load(out / "last.pth.prev", weights_only=True)["step"] == 1
+        data = (out / "last.pth").read_bytes()
+        (out / "last.pth").write_bytes(data[:len(data) // 2] if damage == "half" else b"")
+        if damage == "both":
+            (out / "last.pth.prev").write_bytes(b"not a checkpoint")
+        (out / ".last.pth.x1y2.tmp").write_bytes(b"left by a killed writer")
+        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3"])
+        said = []
+        train_mod.train(cfg, name, resume=True, log=said.append)
+        damaged = [line for line in said if line.startswith("--resume:")]
+        assert len(damaged) == 1 and message in damaged[0] and "\n" not in damaged[0], said
+        assert any(line.startswith("resumed") and "last.pth.prev at step 1" in line for line in said) == (
+            damage == "half"), said
+        assert_same_networks(torch.load(out / "last.pth", weights_only=True), full)
+        assert not list(out.glob(".last.pth.*.tmp"))
+
+
+def test_kill_9_in_the_middle_of_pretraining_then_resume_equals_an_uninterrupted_run(tmp_path, demo_root):
+    """SIGKILL as soon as a step is saved (a real process, no clean-up of any kind); the same command with
+    --resume ends bit-equal to an uninterrupted run (CPU, one thread)."""
+    import signal
+    import time
+
+    argv = ["--config", "demo", *TINY, *SMALL, "max_steps=6", f"out_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain/train.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not (tmp_path / "killed" / "last.pth").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["step"]
+    assert killed_at < 6 and not (tmp_path / "killed" / "backbone.pth").exists()
+    assert train_mod.main(argv + ["--resume"]) == 0
+    full = torch.load(run_tiny(tmp_path, "full", SMALL + ["max_steps=6"]) / "last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
+    assert resumed["step"] == 6
+    assert_same_networks(resumed, full)
+    assert resumed["optimizer"]["state"].keys() == full["optimizer"]["state"].keys()
+    for k, v in full["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], resumed["optimizer"]["state"][k][n]) for n in v if torch.is_tensor(v[n]))
