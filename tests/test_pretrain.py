@@ -26,7 +26,8 @@ def one_thread():
 
 
 TINY = ["crop_size=32", "batch_size=16", "epochs=1", "warmup_epochs=0", "max_steps=4", "workers=0",
-        "proj_hidden=64", "pred_hidden=64", "proj_out=32", "save_every_steps=1", "log_every_steps=1"]
+        "proj_hidden=64", "pred_hidden=64", "proj_out=32", "save_every_steps=1000", "log_every_steps=1"]
+# (last.pth is written at the end or the stop only: a ResNet-18 state with its optimiser is ~130 MB a save)
 
 
 def test_schedules_hand_computed():
@@ -276,25 +277,85 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, demo_
 
     monkeypatch.setattr(losses, "multiview_centroid_loss", flaky)
     with pytest.raises(train_mod.Diverged, match="at step 2"):
-        run_tiny(tmp_path, "nan")
+        run_tiny(tmp_path, "nan", ["save_every_steps=1"])
     assert torch.load(tmp_path / "nan" / "last.pth", weights_only=True)["step"] == 2
 
 
-def test_byol_and_layernorm_configs_train(tmp_path, demo_root):
-    out = run_tiny(tmp_path, "byol_ln", ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "head_norm=layernorm",
-                                         "max_steps=2"])
+def test_layernorm_heads_are_layernorm_and_train(tmp_path, demo_root):
+    """head_norm=layernorm (Table 13): every norm of the projector and predictor is a LayerNorm of the hidden
+    width (none is a BatchNorm), in the built network and in the saved state (no running statistics)."""
+    from pretrain.methods import build_method
+
+    over = ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "max_steps=2"]
+    for norm, kind in (("layernorm", torch.nn.LayerNorm), ("batchnorm", torch.nn.BatchNorm1d)):
+        cfg, _ = load_config("demo", TINY + over + [f"head_norm={norm}"])
+        method = build_method(cfg, 1)
+        for net in (method.online.projector, method.online.predictor, method.target.projector):
+            norms = [m for m in net.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase))]
+            assert [type(m) for m in norms] == [kind] and norms[0].weight.shape == (64,), norm
+    out = run_tiny(tmp_path, "byol_ln", over + ["head_norm=layernorm"])
     assert "loss_byol" in (out / "log.jsonl").read_text()
+    online = torch.load(out / "last.pth", weights_only=True)["online"]
+    heads = [k for k in online if k.startswith(("projector.", "predictor."))]
+    assert "projector.1.weight" in heads and not any("running_" in k for k in heads)
 
 
-def test_gradient_accumulation_runs(tmp_path, demo_root):
-    out = run_tiny(tmp_path, "accumulate", ["accumulate=2", "max_steps=2"])
-    assert torch.load(out / "last.pth", weights_only=True)["step"] == 2
+def per_sample_norms(module):
+    """The ResNet's BatchNorm2d layers replaced by GroupNorm(1, C): statistics of each image alone."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.GroupNorm(1, child.num_features))
+        else:
+            per_sample_norms(child)
+    return module
 
 
-def test_cli_exit_codes(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "bogus=1"],
+def test_gradient_accumulation_of_2_x_b_equals_one_step_of_2b(tmp_path, demo_root, monkeypatch):
+    """accumulate=2 (two micro-batches of 8) ends with the parameters of accumulate=1 (one batch of 16).
+
+    Exact only where every sample's loss is independent of the others in its micro-batch, so here: BYOL's
+    per-image loss (no L_s / L_b, whose batch covariance and noise draws depend on the micro-batch), LayerNorm
+    heads and the backbone's BatchNorm swapped for a per-image GroupNorm (BatchNorm normalises over the
+    micro-batch of 8, not 16: accumulation then changes the statistics by design), and views cut without
+    random draws (the augmentation's draws follow the micro-batch order). What remains is float summation
+    order: parameters equal within 1e-6."""
+    import pretrain.model
+
+    real_build = pretrain.model.build_backbone
+    monkeypatch.setattr(pretrain.model, "build_backbone", lambda *a, **k: per_sample_norms(real_build(*a, **k)))
+
+    def fixed_views(cfg, batch, augs, g):
+        x = torch.nn.functional.interpolate(batch.float() / 255, size=cfg.crop_size, mode="bilinear")
+        return [x, x.flip(3)]
+
+    monkeypatch.setattr(train_mod, "cut_views", fixed_views)
+    over = ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "head_norm=layernorm", "max_steps=2",
+            "crop_size=16"]
+    states = [torch.load(run_tiny(tmp_path, f"acc{a}", over + [f"accumulate={a}"]) / "last.pth", weights_only=True)
+              for a in (1, 2)]
+    for part in ("online", "target"):
+        for k, v in states[0][part].items():
+            torch.testing.assert_close(states[1][part][k], v, atol=1e-6, rtol=0, msg=f"{part}.{k}")
+    from pretrain.methods import build_method
+
+    torch.manual_seed(0)  # the initial network, as train() builds it: both runs moved away from it
+    initial = build_method(load_config("demo", TINY + over)[0], 1).online.state_dict()
+    assert states[0]["step"] == states[1]["step"] == 2
+    for k in ("backbone.conv1.weight", "projector.0.bias", "predictor.1.weight"):
+        assert (states[0]["online"][k] - initial[k]).abs().max() > 1e-4, k
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert train_mod.cli(["--config", "demo", "bogus=1", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'bogus'")
+
+
+def test_the_script_runs_as_a_file(tmp_path):
+    """One real process for the script's own entry (its sys.path line, its exit code); the mistakes
+    themselves are tested in-process below."""
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "views=four"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'bogus'")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "expected int" in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -303,34 +364,35 @@ def test_cli_exit_codes(tmp_path):
     (["--config", "demo", "amp=bf61"], "config amp='bf61' is not one of none, bf16, fp16"),
     (["--config", "demo", "device=cuda", "max_steps=1"], "device=cuda asked for CUDA, but no CUDA device is available"),
     (["--config", "{orphan}"], "names base: no_such_config, but there is no"),
+    (["--config", "demo", "--resume"], "--resume: no checkpoint at"),
 ])
-def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, args, message):
-    """Each mistake stops the run before any work: exit 2, one line on stderr, no traceback."""
+def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, capsys, args, message):
+    """Each mistake stops the run before any work: exit 2, one line on stderr, no traceback, no run folder."""
     if torch.cuda.is_available() and "device=cuda" in args:
         pytest.skip("this machine has CUDA")
     orphan = tmp_path / "orphan.yaml"
     orphan.write_text("base: no_such_config\nviews: 2\n")
     args = [str(orphan) if a == "{orphan}" else a for a in args]
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), *args, f"out_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    code = train_mod.cli([*args, f"out_dir={tmp_path / 'run'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith("error: ") and not (tmp_path / "run").exists()
 
 
-def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):
+def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root, capsys):
+    """An image that cannot be decoded, met in a loader worker process: exit 2 naming it, no traceback."""
     import shutil
 
     root = tmp_path / "data"
     shutil.copytree(demo_root / "imagenet", root / "imagenet")
     victim = sorted((root / "imagenet" / "train").rglob("*.JPEG"))[5]
     victim.write_bytes(b"not a jpeg")
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", *TINY,
-                           "workers=2", f"data_root={root}", "max_steps=30", "batch_size=16",
-                           f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
-    last = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert proc.returncode == 2 and last == f"error: cannot read image {victim}; fix or remove it"
-    assert "Traceback" not in proc.stderr
+    code = train_mod.cli(["--config", "demo", *TINY, "crop_size=16", "views=2", "workers=2", f"data_root={root}",
+                          "max_steps=30", "batch_size=16", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert code == 2 and last == f"error: cannot read image {victim}; fix or remove it"
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
@@ -410,7 +472,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_starts_over(tmp_
     for name, damage, message in (("truncated", "half", "resuming from the previous state"),
                                   ("empty", "both", "starting over")):
         out = tmp_path / name
-        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3", "stop_after_steps=2"])
+        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3", "stop_after_steps=2",
+                                                     "save_every_steps=1"])
         train_mod.train(cfg, name, log=lambda *a: None)
         assert torch.load(out / "last.pth.prev", weights_only=True)["step"] == 1
         data = (out / "last.pth").read_bytes()
@@ -435,7 +498,7 @@ def test_kill_9_in_the_middle_of_pretraining_then_resume_equals_an_uninterrupted
     import signal
     import time
 
-    argv = ["--config", "demo", *TINY, *SMALL, "max_steps=6", f"out_dir={tmp_path / 'killed'}"]
+    argv = ["--config", "demo", *TINY, *SMALL, "max_steps=6", "save_every_steps=1", f"out_dir={tmp_path / 'killed'}"]
     proc = subprocess.Popen([sys.executable, str(REPO / "pretrain/train.py"), *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
