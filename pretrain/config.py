@@ -123,7 +123,11 @@ class PretrainConfig:
                              "takes the GPU of its LOCAL_RANK)")
     amp: str = s("bf16", "runtime: mixed precision on GPU (CPU runs in fp32)", choices=("none", "bf16", "fp16"))
     channels_last: bool = s(True, "runtime (GPU only)")
-    sync_bn: bool = s(False, "runtime: SyncBatchNorm under torchrun")
+    sync_bn: str = s("auto", "runtime: SyncBatchNorm under torchrun. auto: on with more than one process on CUDA, as "
+                     "BYOL's and the paper's batch statistics are over the global batch (BYOL §3.3: 'batch statistics "
+                     "... aggregated over all devices'), off on one process, on CPU (PyTorch's SyncBatchNorm needs CUDA) "
+                     "and for MoCo v2 (its shuffle BN keeps statistics per part); the run's config.yaml and last.pth "
+                     "record the value in force", choices=("auto", "true", "false"))
     workers: int = s(4, "runtime: data-loading processes")
     out_dir: str = s("runs/{name}", "runtime: the run folder ({name} = the config's name)")
     save_every_steps: int = s(500, "runtime")

@@ -44,7 +44,8 @@ from pretrain.optim import build_optimizer, max_learning_rate, schedule  # noqa:
 
 CHECKPOINT_FORMAT = "ssl-suite-pretrain"
 # Keys that may change when a run is resumed; every other key must match the stopped run's config.
-RUNTIME_KEYS = {"workers", "save_every_steps", "save_every_epochs", "log_every_steps", "stop_after_steps", "device", "out_dir"}
+# sync_bn among them: its value in force follows the process count, which a resumed run may change.
+RUNTIME_KEYS = {"workers", "sync_bn", "save_every_steps", "save_every_epochs", "log_every_steps", "stop_after_steps", "device", "out_dir"}
 
 
 class Diverged(Exception):
@@ -106,6 +107,25 @@ def describe_config_change(saved, current) -> str:
             "run's config, or start a new run in another out_dir")
 
 
+def batch_norm_sync(cfg, world: int, device) -> tuple:
+    """(synchronise BatchNorm over the processes?, the sentence saying so) for the config's sync_bn
+    (auto / true / false; see pretrain/config.py) on `world` processes using `device`."""
+    from pretrain.methods import method_class
+
+    if world == 1:
+        return False, "per process (one process)"
+    if cfg.sync_bn == "false":
+        return False, f"per process (sync_bn=false, {world} processes)"
+    if torch.device(device).type != "cuda":
+        if cfg.sync_bn == "true":
+            raise UserError("sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
+                            "use sync_bn=auto or false on the CPU")
+        return False, f"per process (SyncBatchNorm needs CUDA; {world} CPU processes)"
+    if cfg.sync_bn == "auto" and not method_class(cfg.method).sync_bn_by_default:
+        return False, f"per process ({cfg.method} keeps its own BatchNorm statistics)"
+    return True, f"synchronised over {world} processes"
+
+
 def setup_device(cfg):
     return setup_distributed(resolve_device(cfg.device, option="device="))
 
@@ -130,7 +150,9 @@ def train(cfg, name, resume=False, log=print):
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, world)
     augs = method.augments()
-    if cfg.sync_bn and world > 1:
+    sync_bn, batch_norm = batch_norm_sync(cfg, world, device)
+    cfg.sync_bn = "true" if sync_bn else "false"  # the value in force, as config.yaml and last.pth record it
+    if sync_bn:
         method.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.online)
         if method.target is not None:
             method.target = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.target)
@@ -168,7 +190,8 @@ def train(cfg, name, resume=False, log=print):
 
         writer = SummaryWriter(out / "tb")
         log(f"{name}: {cfg.method}, {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, "
-            f"{len(augs)} views, max LR {max_lr:g}, device {device}, {world} process(es) -> {out}")
+            f"{len(augs)} views, max LR {max_lr:g}, device {device}, {world} process(es), BatchNorm {batch_norm} "
+            f"-> {out}")
     loader = torch.utils.data.DataLoader(
         SeededSamples(images, cfg.seed),
         batch_sampler=SeededBatches(len(images), cfg.batch_size, cfg.seed, start, total, rank, world, cfg.accumulate),

@@ -405,6 +405,10 @@ def test_two_process_ddp_on_cpu(tmp_path, demo_root, config):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "backbone.pth").is_file()
+    import yaml
+
+    # sync_bn=auto in force: off, as SyncBatchNorm needs CUDA (on 2 GPUs it is on: test_sync_bn_follows_...)
+    assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["sync_bn"] == "false"
     state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
     assert math.isfinite(state["metrics"]["loss"])
     if config == "demo_mocov2":  # 2 steps x 16 keys (8 from each process) fill the queue of 32 exactly once
@@ -518,3 +522,20 @@ def test_kill_9_in_the_middle_of_pretraining_then_resume_equals_an_uninterrupted
     assert resumed["optimizer"]["state"].keys() == full["optimizer"]["state"].keys()
     for k, v in full["optimizer"]["state"].items():
         assert all(torch.equal(v[n], resumed["optimizer"]["state"][k][n]) for n in v if torch.is_tensor(v[n]))
+
+
+def test_sync_bn_follows_the_process_count():
+    """sync_bn=auto: on with several CUDA processes (global batch statistics, as BYOL), off on one process,
+    on the CPU and for MoCo v2's shuffle BN; explicit values win where they can run."""
+    demo = load_config("demo")[0]
+    assert demo.sync_bn == "auto"
+    cases = [(demo, 1, "cuda", False), (demo, 2, "cuda", True), (demo, 8, "cuda:3", True), (demo, 2, "cpu", False),
+             (load_config("demo_mocov2")[0], 2, "cuda", False), (load_config("demo", ["sync_bn=false"])[0], 2, "cuda", False),
+             (load_config("demo", ["sync_bn=true"])[0], 1, "cuda", False)]
+    for cfg, world, device, expected in cases:
+        on, sentence = train_mod.batch_norm_sync(cfg, world, torch.device(device))
+        assert on is expected and ("synchronised" in sentence) is expected, (cfg.method, world, device)
+    with pytest.raises(UserError, match="sync_bn=true needs CUDA"):
+        train_mod.batch_norm_sync(load_config("demo", ["sync_bn=true"])[0], 2, torch.device("cpu"))
+    with pytest.raises(UserError, match="mocov2 keeps BatchNorm statistics per split"):
+        load_config("demo_mocov2", ["sync_bn=true"])

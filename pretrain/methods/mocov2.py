@@ -40,11 +40,12 @@ class MoCoV2(Method):
     source = "facebookresearch/moco (builder.py, main_moco.py; README: --mlp --moco-t 0.2 --aug-plus --cos)"
     keys = ("views", "temperature", "queue_size", "bn_splits", "tau_base", "proj_hidden", "proj_out")
     ema = "constant"
+    sync_bn_by_default = False  # its shuffle BN: statistics per part of the batch, never across processes
 
     @classmethod
     def check(cls, cfg):
         super().check(cfg)
-        if cfg.sync_bn:
+        if cfg.sync_bn == "true":
             raise UserError("mocov2 keeps BatchNorm statistics per split (its shuffle BN); sync_bn would merge them")
         micro = cfg.batch_size // cfg.accumulate
         if cfg.queue_size < micro or cfg.queue_size % micro:
