@@ -128,7 +128,8 @@ class PretrainConfig:
                      "... aggregated over all devices'), off on one process, on CPU (PyTorch's SyncBatchNorm needs CUDA) "
                      "and for MoCo v2 (its shuffle BN keeps statistics per part); the run's config.yaml and last.pth "
                      "record the value in force", choices=("auto", "true", "false"))
-    workers: int = s(4, "runtime: data-loading processes")
+    workers: int = s(-1, "runtime: data-loading processes per training process; -1 = the cores of the node shared "
+                         "among its processes, one kept for each, at most 8 (core.loading.resolve_workers)")
     out_dir: str = s("runs/{name}", "runtime: the run folder ({name} = the config's name)")
     save_every_steps: int = s(500, "runtime")
     save_every_epochs: int = s(0, "runtime: also export the backbone as <out_dir>/backbone_epoch{N:04d}.pth (N = epochs "

@@ -18,6 +18,7 @@ bug, or a loss that became NaN/Inf (the last good checkpoint is kept).
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ import yaml  # noqa: E402
 from core.cli import ArgumentParser, UserError, run_cli  # noqa: E402
 from core.distributed import resolve_device, setup_distributed, shutdown  # noqa: E402
 from core.files import atomic_torch_save, atomic_write_text  # noqa: E402
+from core.loading import loader_options, resolve_workers  # noqa: E402
 from core.progress import progress  # noqa: E402
 from core.resume import StateFile  # noqa: E402
 from core.sampling import SeededBatches, SeededSamples  # noqa: E402
@@ -73,11 +75,52 @@ def cut_views(cfg, batch, augs, g):
 
 def compute_losses(method, model, views, g, shared):
     """One micro-batch: the online network once (through DDP when wrapped), then the method's loss.
-    Returns (total, {term: float}, embeddings for the collapse monitors)."""
+    Returns (total, {term: tensor}, embeddings for the collapse monitors); nothing is read to the host."""
     total, terms, monitor = method.loss(model(views), views, g, shared)
-    floats = {k: v.item() for k, v in terms.items()}
-    floats["loss"] = total.item()
-    return total, floats, monitor
+    return total, {**terms, "loss": total}, monitor
+
+
+class StepTerms:
+    """The loss terms of the steps since the last read, summed on the device (no host sync per step), and
+    the first step whose loss was not finite, with its terms. `read()` syncs once: at log and save steps."""
+
+    def __init__(self, device):
+        self.device, self.names = device, None
+        self.first_bad = torch.full((), math.inf, device=device, dtype=torch.float64)
+        self.reset()
+
+    def reset(self):
+        self.sum, self.steps = None, 0
+
+    def add(self, step: int, terms: dict, weight: float):
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.names is None:
+            self.names, self.bad_values = list(terms), torch.zeros_like(values)
+        newly_bad = ~torch.isfinite(values[-1]) & torch.isinf(self.first_bad)  # "loss" is the last term
+        self.bad_values = torch.where(newly_bad, values, self.bad_values)
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.sum = values * weight if self.sum is None else self.sum + values * weight
+
+    def end_step(self):
+        self.steps += 1
+
+    def check_finite(self, world: int, where: str):
+        """Raise Diverged (on every process alike) if a step's loss since the start was NaN/Inf."""
+        first = self.first_bad.clone()
+        if world > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        first = first.item()
+        if math.isfinite(first):
+            values = dict(zip(self.names, self.bad_values.tolist()))
+            raise Diverged(f"the loss became {values['loss']} at step {int(first)} "
+                           f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); "
+                           f"the last good checkpoint is {where}")
+
+    def read(self) -> dict:
+        """The mean of each term over the steps since the last read."""
+        means = (self.sum / max(1, self.steps)).tolist()
+        self.reset()
+        return dict(zip(self.names, means))
 
 
 def checkpoint_state(cfg, step, method, opt, scaler, last_metrics):
@@ -192,13 +235,16 @@ def train(cfg, name, resume=False, log=print):
         log(f"{name}: {cfg.method}, {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, "
             f"{len(augs)} views, max LR {max_lr:g}, device {device}, {world} process(es), BatchNorm {batch_norm} "
             f"-> {out}")
+    # One loader for the whole run (its sampler spans every remaining step), pinned memory on CUDA.
+    workers = resolve_workers(cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     loader = torch.utils.data.DataLoader(
         SeededSamples(images, cfg.seed),
         batch_sampler=SeededBatches(len(images), cfg.batch_size, cfg.seed, start, total, rank, world, cfg.accumulate),
-        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False, collate_fn=collate_readable)
+        collate_fn=collate_readable, **loader_options(device, workers, reused=False))
     batches = iter(loader)
     stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
     bar = progress(range(start, stop_at), name, total=total, initial=start, unit="step", show=rank == 0)
+    step_terms = StepTerms(device)
     for step in bar:
         lr = lr_at(step)
         for group in opt.param_groups:
@@ -207,7 +253,6 @@ def train(cfg, name, resume=False, log=print):
         # sub-batches), both from (seed, step) only, so that a resumed run repeats an uninterrupted one.
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         shared = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_033 + step + 7)
-        terms_sum = {}
         for micro in range(cfg.accumulate):
             batch, _, unreadable = next(batches)
             if unreadable:
@@ -216,14 +261,10 @@ def train(cfg, name, resume=False, log=print):
             sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 total_loss, terms, monitor = compute_losses(method, model, views, g, shared)
-                if not math.isfinite(terms["loss"]):
-                    raise Diverged(f"the loss became {terms['loss']} at step {step} "
-                                   f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); "
-                                   f"the last good checkpoint is {out / 'last.pth'}")
                 loss = total_loss / cfg.accumulate
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.accumulate
+            step_terms.add(step, terms, 1.0 / cfg.accumulate)
+        step_terms.end_step()
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -234,20 +275,28 @@ def train(cfg, name, resume=False, log=print):
         if pairs is not None:
             ema_update(pairs, tau)
         done = step + 1
-        if rank == 0 and (done % cfg.log_every_steps == 0 or done == stop_at):
+        log_now = done % cfg.log_every_steps == 0 or done == stop_at
+        export_now = cfg.save_every_epochs and done % (cfg.save_every_epochs * steps_per_epoch) == 0
+        save_now = done % cfg.save_every_steps == 0 or done == stop_at
+        if log_now or export_now or save_now:  # the one host sync of these steps; a NaN is never saved
+            step_terms.check_finite(world, out / "last.pth")
+        if rank != 0 and log_now:
+            step_terms.reset()
+        if rank == 0 and log_now:
             std, erank = collapse_monitors(monitor)
+            terms_mean = step_terms.read()
             last_metrics = {"step": done, "epoch": done / steps_per_epoch, "lr": lr,
-                            **({"tau": tau} if tau is not None else {}), **terms_sum,
+                            **({"tau": tau} if tau is not None else {}), **terms_mean,
                             "embedding_std": std, "effective_rank": erank, "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(last_metrics) + "\n")
             for k, v in last_metrics.items():
                 if k not in ("step", "time"):
                     writer.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{terms_sum['loss']:.4f}", std=f"{std:.3f}")
-        if rank == 0 and cfg.save_every_epochs and done % (cfg.save_every_epochs * steps_per_epoch) == 0:
+            bar.set_postfix(loss=f"{terms_mean['loss']:.4f}", std=f"{std:.3f}")
+        if rank == 0 and export_now:
             export_backbone(method.online, out / f"backbone_epoch{done // steps_per_epoch:04d}.pth")
-        if rank == 0 and (done % cfg.save_every_steps == 0 or done == stop_at):
+        if rank == 0 and save_now:
             state_file.save(checkpoint_state(cfg, done, method, opt, scaler, last_metrics))
     bar.close()
     if rank == 0:

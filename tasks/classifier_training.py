@@ -15,6 +15,7 @@ scores the test set.
 """
 import copy
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from torchvision import transforms as T
 from backbones.features import autocast_dtype, encoder_autocast, extract_features
 from core import distributed
 from core.cli import UserError
+from core.loading import loader_options, resolve_workers
 from core.progress import progress
 from core.resume import StateFile
 from core.sampling import SeededBatches, SeededSamples
@@ -32,6 +34,17 @@ from datasets.views import INTERPOLATION, EvalTransform
 from tasks.metrics import topk_accuracy
 
 SCHEDULES = ("step", "cosine", "constant")
+POSTFIX_EVERY = 50  # training steps between two reads of the loss for the progress bar (a host sync each)
+
+
+def global_count(n: int, device, world: int):
+    """The images of this step over all processes: an int on one process, else a device tensor (summed by an
+    all-reduce, not read to the host)."""
+    if world == 1:
+        return n
+    t = torch.tensor(float(n), device=device)
+    torch.distributed.all_reduce(t)
+    return t
 
 
 def learning_rate(p, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -148,14 +161,26 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
     skipped = 0
     model.train(finetune)
     head.train()
+    cuda = device.type == "cuda"
+    if cuda:  # fixed input sizes: let cuDNN pick its fastest kernels; NHWC convolutions on tensor cores
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    # One loader over every remaining epoch (its workers live through them all); batches depend only on
+    # (seed, epoch, step), so a resumed run sees the batches an uninterrupted one does.
+    sampler = SeededBatches(len(train), p.train_batch_size, ctx.seed, rank=rank, world=world, drop_last=False)
+    steps_per_epoch = sampler.steps_per_epoch
+    sampler.start, sampler.stop = start * steps_per_epoch, p.epochs * steps_per_epoch
+    workers = resolve_workers(p.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    batches = iter(torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate_readable,
+                                               **loader_options(device, workers, reused=False)))
     for epoch in range(start, p.epochs):
-        sampler = SeededBatches(len(train), p.train_batch_size, ctx.seed, rank=rank, world=world, drop_last=False)
-        sampler.start, sampler.stop = epoch * sampler.steps_per_epoch, (epoch + 1) * sampler.steps_per_epoch
-        loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, num_workers=p.workers,
-                                             collate_fn=collate_readable, pin_memory=device.type == "cuda")
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = progress(loader, f"{task_name} epoch {epoch + 1}/{p.epochs}", unit="batch", show=rank == 0)
-        for step, (images, index, bad) in enumerate(bar):
+        # summed on the device, read once per epoch (and for the progress bar every POSTFIX_EVERY steps)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = progress(range(steps_per_epoch), f"{task_name} epoch {epoch + 1}/{p.epochs}", unit="batch",
+                       show=rank == 0)
+        for step in bar:
+            images, index, bad = next(batches)
             if bad and not p.skip_bad_images:
                 raise unreadable_error(train, bad[0], "fix or remove it, or pass --set skip_bad_images=true")
             skipped += len(bad)
@@ -164,10 +189,13 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
             if images is None:
                 raise UserError(f"every image of a batch part was unreadable (first: {bad[0]} of "
                                 f"{train.dataset}/{train.split}); remove the unreadable images, or run without torchrun")
-            lr = learning_rate(p, epoch, step, len(loader))
+            lr = learning_rate(p, epoch, step, steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr / p.lr
-            images, target = images.to(device, non_blocking=True), labels[index].to(device)
+            images = images.to(device, non_blocking=True)
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            target = labels[index].to(device, non_blocking=True)
             if finetune:
                 logits = net(images)
             else:
@@ -175,24 +203,27 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
                     feats = probe.features(images)
                 logits = net(feats)
             # The mean over the global batch: DDP averages the processes' gradients, hence the factor world.
-            n_global = distributed.all_sum(len(index), device)
+            n_global = global_count(len(index), device, world)
             loss = F.cross_entropy(logits.float(), target, reduction="sum") * (world / n_global)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            loss_sum += loss.item() * n_global / world
-            correct += int((logits.argmax(1) == target).sum())
+            loss_sum += loss.detach() * n_global / world
+            correct += (logits.detach().argmax(1) == target).sum()
             seen += len(index)
-            bar.set_postfix(loss=f"{loss.item() / world:.3f}")
+            if rank == 0 and (step + 1) % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{loss.item() / world:.3f}")
         if seen:
-            history.append({"epoch": epoch + 1, "lr": learning_rate(p, epoch, 0, len(loader)),
-                            "train_loss": loss_sum / max(1, distributed.all_sum(seen, device)),
-                            "train_top1": 100.0 * distributed.all_sum(correct, device)
-                            / max(1, distributed.all_sum(seen, device))})
+            seen_global = distributed.all_sum(seen, device)
+            history.append({"epoch": epoch + 1, "lr": learning_rate(p, epoch, 0, steps_per_epoch),
+                            "train_loss": loss_sum.item() / max(1, seen_global),
+                            "train_top1": 100.0 * distributed.all_sum(int(correct), device) / max(1, seen_global)})
         if rank == 0:
             state.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "encoder": model.state_dict() if finetune else None, "history": history})
+    if cuda:
+        model.to(memory_format=torch.contiguous_format)  # the shared frozen encoder as the other tasks expect it
     skipped = distributed.all_sum(skipped, device)
     if rank != 0:
         return None, {}

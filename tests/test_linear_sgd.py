@@ -186,3 +186,28 @@ def test_places205_probe_on_a_random_resnet50_does_not_diverge_and_presets_carry
     assert rec["protocol"]["lr"]["value"] == 0.01 and rec["protocol"]["lr"]["source"].startswith("Barlow Twins")
     assert rec["protocol"]["weight_decay"]["value"] == 5e-4 and rec["protocol"]["nesterov"]["value"] is True
     assert rec["protocol"]["head_batchnorm"]["value"] is True
+
+
+def test_no_host_read_per_probe_step(tmp_path, monkeypatch, demo_root):
+    """A probe in batches of 8 and one in batches of 32 read the device equally often from classifier_training.py
+    (.item(), .tolist(), int(), float()): the loss and accuracy are summed on the device, read once an epoch."""
+    import sys
+
+    from core.files import REPO_ROOT
+
+    counted = {"n": 0}
+    ours = str(REPO_ROOT / "tasks" / "classifier_training.py")
+    for name in ("item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            counted["n"] += sys._getframe(1).f_code.co_filename == ours
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    counts = []
+    for batch in (8, 32):
+        counted["n"] = 0
+        assert cli(ARGS + ["--set", f"train_batch_size={batch}", "--set", "epochs=1", "--out", str(tmp_path / str(batch))]) == 0
+        counts.append(counted["n"])
+    assert counts[0] == counts[1], counts

@@ -539,3 +539,36 @@ def test_sync_bn_follows_the_process_count():
         train_mod.batch_norm_sync(load_config("demo", ["sync_bn=true"])[0], 2, torch.device("cpu"))
     with pytest.raises(UserError, match="mocov2 keeps BatchNorm statistics per split"):
         load_config("demo_mocov2", ["sync_bn=true"])
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts tensor reads to the host (.item(), .tolist(), int(), float()) made directly by the code of
+    pretrain/ and tasks/classifier_training.py: on a GPU each one waits for the device."""
+    counted = {"n": 0}
+    ours = (str(REPO / "pretrain"), str(REPO / "tasks" / "classifier_training.py"))
+    for name in ("item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                counted["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counted
+
+
+@pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
+def test_no_host_read_per_training_step(tmp_path, demo_root, host_reads, config):
+    """Runs of 2 and 5 steps, logged and saved once at the end, read the device equally often: the loss
+    terms are summed on the device and MoCo's queue pointer is a Python int."""
+    over = tiny_overrides(config) + ["log_every_steps=1000", "save_every_steps=1000"]
+    over += ["queue_size=64"] if config == "demo_mocov2" else ["views=2"]
+    counts = []
+    for steps in (2, 5):
+        cfg, _ = load_config(config, over + [f"max_steps={steps}", f"out_dir={tmp_path / str(steps)}"])
+        host_reads["n"] = 0
+        train_mod.train(cfg, config, log=lambda *a: None)
+        counts.append(host_reads["n"])
+    assert counts[0] == counts[1], counts
