@@ -572,3 +572,47 @@ def test_no_host_read_per_training_step(tmp_path, demo_root, host_reads, config)
         train_mod.train(cfg, config, log=lambda *a: None)
         counts.append(host_reads["n"])
     assert counts[0] == counts[1], counts
+
+
+def reference_lars(groups, steps):
+    """LARS as it was written before (and as BYOL's optimizer.py states it), one tensor at a time:
+    u = g + wd w; u *= eta ||w|| / ||u|| where both norms are > 0 (else 1); buf = m buf + u (buf = u at first);
+    w -= lr buf. Excluded groups (lars=False, wd 0): plain SGD with momentum."""
+    bufs = {}
+    for grads in steps:
+        for group in groups:
+            for p in group["params"]:
+                g = grads[id(p)]
+                u = g + group["weight_decay"] * p if group["lars"] else g.clone()
+                if group["lars"]:
+                    w_norm, u_norm = p.norm(), u.norm()
+                    u = u * torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                bufs[id(p)] = u.clone() if id(p) not in bufs else bufs[id(p)] * group["momentum"] + u
+                p -= group["lr"] * bufs[id(p)]
+
+
+def test_vectorised_lars_equals_the_per_tensor_formula():
+    torch.manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (16,), (32, 16), (32,), (10, 32), (10,), (4, 4)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    with torch.no_grad():
+        params[-1].zero_()  # ||w|| = 0: trust ratio 1
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    steps = [{id(p): torch.randn_like(p) for p in params} for _ in range(3)]
+    steps[1][id(params[3])].zero_()  # a zero gradient with weight decay still moves the weights
+    opt = LARS(lars_param_groups(named), lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=1e-3)
+    ref_params = [p.detach().clone() for p in params]
+    initial = [p.detach().clone() for p in params]
+    ref_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [ref_params[[id(q) for q in params].index(id(p))] for p in g["params"]]}
+                  for g in opt.param_groups]
+    ref_steps = [{id(ref_params[i]): s[id(p)] for i, p in enumerate(params)} for s in steps]
+    for grads in steps:
+        for p in params:
+            p.grad = grads[id(p)].clone()
+        opt.step()
+    reference_lars(ref_groups, ref_steps)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+    assert all((p.detach() - w).abs().max() > 1e-6 for p, w in zip(params, initial))  # every tensor moved
