@@ -173,13 +173,34 @@ def setup_device(cfg):
     return setup_distributed(resolve_device(cfg.device, option="device="))
 
 
-def train(cfg, name, resume=False, log=print):
-    device, rank, world = setup_device(cfg)
-    out = Path(cfg.out_dir.format(name=name))
+@dataclasses.dataclass
+class Schedule:
+    """The run's length and learning rate: steps per epoch, the total, where this invocation stops."""
+    steps_per_epoch: int
+    total: int
+    stop_at: int
+    max_lr: float
+    lr_at: object  # step -> LR
+
+
+@dataclasses.dataclass
+class Training:
+    """What the steps of a run share: the method and its optimiser, the DDP view of the online network."""
+    method: object
+    model: object  # method.online, or its DistributedDataParallel wrapper
+    opt: object
+    scaler: object  # GradScaler for fp16, else None
+    amp_dtype: object  # the autocast dtype, or None
+    augs: list
+    pairs: object  # the EMA's (target, online) tensor lists, or None
+    batch_norm: str  # how BatchNorm statistics are taken (the start line says it)
+
+
+def plan_schedule(cfg, images, world) -> Schedule:
+    """Sizes and the LR schedule, with a sentence for each that cannot work."""
     if cfg.batch_size % (world * cfg.accumulate):
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by {world} devices x {cfg.accumulate} "
                         "accumulation steps")
-    images = SquareImages(pretrain_images(cfg), cfg.decode_size)
     steps_per_epoch = len(images) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training images")
@@ -189,10 +210,15 @@ def train(cfg, name, resume=False, log=print):
     lr_at, warmup = schedule(cfg, steps_per_epoch, total, max_lr)
     if warmup >= total:
         raise UserError(f"the warm-up ({warmup} steps) leaves nothing of the {total} steps")
+    stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
+    return Schedule(steps_per_epoch, total, stop_at, max_lr, lr_at)
 
+
+def build_training(cfg, device, world, max_lr) -> Training:
+    """The method's networks on the device (SyncBatchNorm, channels_last as configured), the optimiser and
+    the mixed-precision settings. `cfg.sync_bn` is set to the value in force."""
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, world)
-    augs = method.augments()
     sync_bn, batch_norm = batch_norm_sync(cfg, world, device)
     cfg.sync_bn = "true" if sync_bn else "false"  # the value in force, as config.yaml and last.pth record it
     if sync_bn:
@@ -206,108 +232,158 @@ def train(cfg, name, resume=False, log=print):
     opt = build_optimizer(cfg, method.online.named_parameters(), max_lr)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return Training(method, method.online, opt, scaler, amp_dtype, method.augments(), None, batch_norm)
 
-    start, last_metrics = 0, {}
-    state_file = StateFile(out / "last.pth", resume, resumable_settings(cfg), describe_config_change, device,
-                           log=log if rank == 0 else (lambda *a: None))
-    state = state_file.load() if resume else None
-    if resume and state is None and not state_file.found:
+
+def restore(training, state_file, log) -> tuple:
+    """(first step, last logged metrics) of a resumed run, its networks and optimiser loaded; (0, {}) else."""
+    state = state_file.load()
+    if state_file.resume and state is None and not state_file.found:
         raise UserError(f"--resume: no checkpoint at {state_file.path}")
-    if state is not None:
-        method.online.load_state_dict(state["online"])
-        if method.target is not None:
-            method.target.load_state_dict(state["target"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start, last_metrics = state["step"], state["metrics"]
-        log(f"resumed {state_file.loaded_from} at step {start}")
-    model = torch.nn.parallel.DistributedDataParallel(method.online, device_ids=[device] if cuda else None) \
-        if world > 1 else method.online
-    pairs = method.ema_pairs()
+    if state is None:
+        return 0, {}
+    method = training.method
+    method.online.load_state_dict(state["online"])
+    if method.target is not None:
+        method.target.load_state_dict(state["target"])
+    training.opt.load_state_dict(state["optimizer"])
+    if training.scaler is not None and state["scaler"]:
+        training.scaler.load_state_dict(state["scaler"])
+    log(f"resumed {state_file.loaded_from} at step {state['step']}")
+    return state["step"], state["metrics"]
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(out / "tb")
-        log(f"{name}: {cfg.method}, {len(images)} images, {steps_per_epoch} steps/epoch, {total} steps, "
-            f"{len(augs)} views, max LR {max_lr:g}, device {device}, {world} process(es), BatchNorm {batch_norm} "
-            f"-> {out}")
-    # One loader for the whole run (its sampler spans every remaining step), pinned memory on CUDA.
+def wrap_for_processes(training, device, world):
+    """DDP around the online network on several processes; the EMA pairs of the networks as trained."""
+    cuda = device.type == "cuda"
+    if world > 1:
+        training.model = torch.nn.parallel.DistributedDataParallel(training.method.online,
+                                                                   device_ids=[device] if cuda else None)
+    training.pairs = training.method.ema_pairs()
+
+
+def open_outputs(cfg, name, out, images, plan, training, device, world, log):
+    """The run folder, its config.yaml, the TensorBoard writer and the start line (rank 0)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    from torch.utils.tensorboard import SummaryWriter
+
+    log(f"{name}: {cfg.method}, {len(images)} images, {plan.steps_per_epoch} steps/epoch, {plan.total} steps, "
+        f"{len(training.augs)} views, max LR {plan.max_lr:g}, device {device}, {world} process(es), "
+        f"BatchNorm {training.batch_norm} -> {out}")
+    return SummaryWriter(out / "tb")
+
+
+def micro_batches(cfg, images, plan, start, device, rank, world):
+    """The decoded uint8 micro-batches of steps start..total-1 of this process, from one loader for the whole
+    run (its workers and pinned memory kept throughout)."""
     workers = resolve_workers(cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(images, cfg.seed),
-        batch_sampler=SeededBatches(len(images), cfg.batch_size, cfg.seed, start, total, rank, world, cfg.accumulate),
-        collate_fn=collate_readable, **loader_options(device, workers, reused=False))
-    batches = iter(loader)
-    stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
-    bar = progress(range(start, stop_at), name, total=total, initial=start, unit="step", show=rank == 0)
+    sampler = SeededBatches(len(images), cfg.batch_size, cfg.seed, start, plan.total, rank, world, cfg.accumulate)
+    loader = torch.utils.data.DataLoader(SeededSamples(images, cfg.seed), batch_sampler=sampler,
+                                         collate_fn=collate_readable, **loader_options(device, workers, reused=False))
+    return iter(loader)
+
+
+def train_step(cfg, training, step, total, lr, batches, images, step_terms, device, rank, world):
+    """One optimiser step over cfg.accumulate micro-batches (gradients summed, DDP's all-reduce on the last
+    one only), then the EMA update. Returns (τ or None, the last micro-batch's embeddings for the monitors)."""
+    opt, model, method = training.opt, training.model, training.method
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    # Randomness of a step: this process's (augmentation, noise) and one shared by all processes (W-MSE's
+    # sub-batches), both from (seed, step) only, so that a resumed run repeats an uninterrupted one.
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+    shared = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_033 + step + 7)
+    for micro in range(cfg.accumulate):
+        batch, _, unreadable = next(batches)
+        if unreadable:
+            raise UserError(f"cannot read image {images.describe(unreadable[0])}; fix or remove it")
+        views = cut_views(cfg, batch.to(device, non_blocking=True), training.augs, g)
+        sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
+        amp = training.amp_dtype
+        with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            total_loss, terms, monitor = compute_losses(method, model, views, g, shared)
+            loss = total_loss / cfg.accumulate
+            (training.scaler.scale(loss) if training.scaler is not None else loss).backward()
+        step_terms.add(step, terms, 1.0 / cfg.accumulate)
+    step_terms.end_step()
+    if training.scaler is not None:
+        training.scaler.step(opt)
+        training.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    tau = None
+    if training.pairs is not None:
+        tau = method.tau(step, total)
+        ema_update(training.pairs, tau)
+    return tau, monitor
+
+
+def log_step(out, writer, done, plan, lr, tau, terms_mean, monitor):
+    """The metrics of a logged step: log.jsonl, TensorBoard; returned for the checkpoint."""
+    std, erank = collapse_monitors(monitor)
+    metrics = {"step": done, "epoch": done / plan.steps_per_epoch, "lr": lr,
+               **({"tau": tau} if tau is not None else {}),
+               **terms_mean, "embedding_std": std, "effective_rank": erank, "time": time.time()}
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    for k, v in metrics.items():
+        if k not in ("step", "time"):
+            writer.add_scalar(k, v, done)
+    return metrics
+
+
+def train(cfg, name, resume=False, log=print):
+    device, rank, world = setup_device(cfg)
+    out = Path(cfg.out_dir.format(name=name))
+    images = SquareImages(pretrain_images(cfg), cfg.decode_size)
+    plan = plan_schedule(cfg, images, world)
+    training = build_training(cfg, device, world, plan.max_lr)
+    quiet = log if rank == 0 else (lambda *a: None)
+    state_file = StateFile(out / "last.pth", resume, resumable_settings(cfg), describe_config_change, device, log=quiet)
+    start, last_metrics = restore(training, state_file, quiet)
+    wrap_for_processes(training, device, world)
+    writer = open_outputs(cfg, name, out, images, plan, training, device, world, log) if rank == 0 else None
+    batches = micro_batches(cfg, images, plan, start, device, rank, world)
+    bar = progress(range(start, plan.stop_at), name, total=plan.total, initial=start, unit="step", show=rank == 0)
     step_terms = StepTerms(device)
     for step in bar:
-        lr = lr_at(step)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        # Randomness of a step: this process's (augmentation, noise) and one shared by all processes (W-MSE's
-        # sub-batches), both from (seed, step) only, so that a resumed run repeats an uninterrupted one.
-        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        shared = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_033 + step + 7)
-        for micro in range(cfg.accumulate):
-            batch, _, unreadable = next(batches)
-            if unreadable:
-                raise UserError(f"cannot read image {images.describe(unreadable[0])}; fix or remove it")
-            views = cut_views(cfg, batch.to(device, non_blocking=True), augs, g)
-            sync = nullcontext() if (world == 1 or micro == cfg.accumulate - 1) else model.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                total_loss, terms, monitor = compute_losses(method, model, views, g, shared)
-                loss = total_loss / cfg.accumulate
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_terms.add(step, terms, 1.0 / cfg.accumulate)
-        step_terms.end_step()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        tau = method.tau(step, total) if pairs is not None else None
-        if pairs is not None:
-            ema_update(pairs, tau)
+        lr = plan.lr_at(step)
+        tau, monitor = train_step(cfg, training, step, plan.total, lr, batches, images, step_terms, device, rank,
+                                  world)
         done = step + 1
-        log_now = done % cfg.log_every_steps == 0 or done == stop_at
-        export_now = cfg.save_every_epochs and done % (cfg.save_every_epochs * steps_per_epoch) == 0
-        save_now = done % cfg.save_every_steps == 0 or done == stop_at
+        log_now = done % cfg.log_every_steps == 0 or done == plan.stop_at
+        export_now = cfg.save_every_epochs and done % (cfg.save_every_epochs * plan.steps_per_epoch) == 0
+        save_now = done % cfg.save_every_steps == 0 or done == plan.stop_at
         if log_now or export_now or save_now:  # the one host sync of these steps; a NaN is never saved
             step_terms.check_finite(world, out / "last.pth")
-        if rank != 0 and log_now:
-            step_terms.reset()
-        if rank == 0 and log_now:
-            std, erank = collapse_monitors(monitor)
-            terms_mean = step_terms.read()
-            last_metrics = {"step": done, "epoch": done / steps_per_epoch, "lr": lr,
-                            **({"tau": tau} if tau is not None else {}), **terms_mean,
-                            "embedding_std": std, "effective_rank": erank, "time": time.time()}
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(last_metrics) + "\n")
-            for k, v in last_metrics.items():
-                if k not in ("step", "time"):
-                    writer.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{terms_mean['loss']:.4f}", std=f"{std:.3f}")
-        if rank == 0 and export_now:
-            export_backbone(method.online, out / f"backbone_epoch{done // steps_per_epoch:04d}.pth")
-        if rank == 0 and save_now:
-            state_file.save(checkpoint_state(cfg, done, method, opt, scaler, last_metrics))
+        if log_now:
+            terms_mean = step_terms.read() if rank == 0 else step_terms.reset()
+        if rank != 0:
+            continue
+        if log_now:
+            last_metrics = log_step(out, writer, done, plan, lr, tau, terms_mean, monitor)
+            bar.set_postfix(loss=f"{terms_mean['loss']:.4f}", std=f"{last_metrics['embedding_std']:.3f}")
+        if export_now:
+            export_backbone(training.method.online, out / f"backbone_epoch{done // plan.steps_per_epoch:04d}.pth")
+        if save_now:
+            state_file.save(checkpoint_state(cfg, done, training.method, training.opt, training.scaler, last_metrics))
     bar.close()
     if rank == 0:
-        writer.close()
-        if stop_at == total:
-            export_backbone(method.online, out / "backbone.pth")
-            log(f"done: {out / 'backbone.pth'} (evaluate it with evaluate/run.py --ckpt {out / 'backbone.pth'})")
-        else:
-            log(f"stopped at step {stop_at} of {total}; continue with --resume")
+        finish(out, writer, plan, training, log)
     shutdown()
     return out
+
+
+def finish(out, writer, plan, training, log):
+    """The final backbone export (when the schedule is done) and the closing line."""
+    writer.close()
+    if plan.stop_at == plan.total:
+        export_backbone(training.method.online, out / "backbone.pth")
+        log(f"done: {out / 'backbone.pth'} (evaluate it with evaluate/run.py --ckpt {out / 'backbone.pth'})")
+    else:
+        log(f"stopped at step {plan.stop_at} of {plan.total}; continue with --resume")
 
 
 def main(argv=None):

@@ -208,6 +208,7 @@ def test_no_host_read_per_probe_step(tmp_path, monkeypatch, demo_root):
     counts = []
     for batch in (8, 32):
         counted["n"] = 0
-        assert cli(ARGS + ["--set", f"train_batch_size={batch}", "--set", "epochs=1", "--out", str(tmp_path / str(batch))]) == 0
+        assert cli(ARGS + ["--set", f"train_batch_size={batch}", "--set", "epochs=1",
+                           "--out", str(tmp_path / str(batch))]) == 0
         counts.append(counted["n"])
     assert counts[0] == counts[1], counts

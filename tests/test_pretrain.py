@@ -291,7 +291,8 @@ def test_layernorm_heads_are_layernorm_and_train(tmp_path, demo_root):
         cfg, _ = load_config("demo", TINY + over + [f"head_norm={norm}"])
         method = build_method(cfg, 1)
         for net in (method.online.projector, method.online.predictor, method.target.projector):
-            norms = [m for m in net.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase))]
+            norms = [m for m in net.modules()
+                     if isinstance(m, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase))]
             assert [type(m) for m in norms] == [kind] and norms[0].weight.shape == (64,), norm
     out = run_tiny(tmp_path, "byol_ln", over + ["head_norm=layernorm"])
     assert "loss_byol" in (out / "log.jsonl").read_text()
@@ -530,7 +531,8 @@ def test_sync_bn_follows_the_process_count():
     demo = load_config("demo")[0]
     assert demo.sync_bn == "auto"
     cases = [(demo, 1, "cuda", False), (demo, 2, "cuda", True), (demo, 8, "cuda:3", True), (demo, 2, "cpu", False),
-             (load_config("demo_mocov2")[0], 2, "cuda", False), (load_config("demo", ["sync_bn=false"])[0], 2, "cuda", False),
+             (load_config("demo_mocov2")[0], 2, "cuda", False),
+             (load_config("demo", ["sync_bn=false"])[0], 2, "cuda", False),
              (load_config("demo", ["sync_bn=true"])[0], 1, "cuda", False)]
     for cfg, world, device, expected in cases:
         on, sentence = train_mod.batch_norm_sync(cfg, world, torch.device(device))
