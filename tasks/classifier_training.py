@@ -155,6 +155,18 @@ class FrozenEncoder:
             feats = probe.features(images)
         return net(feats)
 
+    def learning_rate(self, p, epoch, step, steps_per_epoch):
+        """The head's LR at this step."""
+        return learning_rate(p, epoch, step, steps_per_epoch)
+
+    def apply_lr(self, opt, p, lr):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr / p.lr
+
+    def describe(self):
+        """What the record's data section says of the recipe, beyond the protocol's values (None: nothing)."""
+        return None
+
 
 class FinetunedEncoder(FrozenEncoder):
     """Finetuning: a copy of the encoder (the run's other tasks still see the checkpoint's) trains in train()
@@ -193,8 +205,15 @@ class FinetunedEncoder(FrozenEncoder):
 
 
 def strategy_for(ctx, p):
-    """How the encoder takes part: frozen (encoder_lr 0) or finetuned."""
-    return FinetunedEncoder() if p.encoder_lr > 0 else FrozenEncoder()
+    """How the encoder takes part: frozen (encoder_lr 0), finetuned with SGD, or, for a ViT, finetuned with
+    AdamW and layer-wise LR decay (tasks/semisup_vit.py)."""
+    if p.encoder_lr <= 0:
+        return FrozenEncoder()
+    if getattr(ctx.checkpoint, "family", "resnet") == "vit":
+        from tasks.semisup_vit import ViTFinetunedEncoder
+
+        return ViTFinetunedEncoder(p)
+    return FinetunedEncoder()
 
 
 class EpochTotals:
@@ -260,6 +279,8 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
     net, batch_norm = strategy.distribute(probe, device, world)
     if batch_norm is not None:
         info["batch_norm"] = batch_norm
+    if strategy.describe() is not None:
+        info["encoder_training"] = strategy.describe()
     cuda = device.type == "cuda"
     if cuda:  # fixed input sizes: let cuDNN pick its fastest kernels; NHWC convolutions on tensor cores
         torch.backends.cudnn.benchmark = True
@@ -278,9 +299,7 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
             skipped += bad
             if images is None:
                 continue
-            lr = learning_rate(p, epoch, step, steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr / p.lr
+            strategy.apply_lr(opt, p, strategy.learning_rate(p, epoch, step, steps_per_epoch))
             images = images.to(device, non_blocking=True)
             if cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -297,7 +316,7 @@ def train_and_score(ctx, p, train, test, mean, std, task_name):
             if rank == 0 and (step + 1) % POSTFIX_EVERY == 0:
                 bar.set_postfix(loss=f"{loss.item() / world:.3f}")
         if totals.seen:
-            history.append(totals.history_entry(epoch, learning_rate(p, epoch, 0, steps_per_epoch), device))
+            history.append(totals.history_entry(epoch, strategy.learning_rate(p, epoch, 0, steps_per_epoch), device))
         if rank == 0:
             state.save({"head": probe.head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "encoder": strategy.encoder_state(probe.encoder), "history": history})

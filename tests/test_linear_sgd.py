@@ -212,3 +212,94 @@ def test_no_host_read_per_probe_step(tmp_path, monkeypatch, demo_root):
                            "--out", str(tmp_path / str(batch))]) == 0
         counts.append(counted["n"])
     assert counts[0] == counts[1], counts
+
+
+class TinyViT(torch.nn.Module):
+    """timm's vit_tiny at 32 px with 8 px patches, as the family contract's ViT encoder: `.vit` is the timm
+    VisionTransformer and forward returns the CLS token after the final norm."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                     num_classes=0, dynamic_img_size=True)
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+def vit_protocol(**kw):
+    import dataclasses
+
+    from tasks.registry import TASKS
+
+    task = TASKS["semisup_10pct"]
+    return dataclasses.replace(task.protocol, **{**task.demo, "crop": 32, "resize": 36, "vit_drop_path": 0.0,
+                                                 "vit_warmup_epochs": 1.0, **kw})
+
+
+def test_vit_finetuning_lr_per_layer_is_peak_times_decay_to_the_depth():
+    """BEiT / MAE layer-wise decay, computed here from the parameter names: LR = peak x ld^(depth + 1 - layer),
+    layer 0 = patch embedding, position embedding and CLS token, layer i = block i - 1, the final norm and the
+    head at the peak; no weight decay on biases, norms, pos_embed, cls_token (MAE). (timm's
+    param_groups_layer_decay fails it: it gives the last block the final norm's scale.)"""
+    from types import SimpleNamespace
+
+    from tasks.classifier_training import make_head, strategy_for
+
+    torch.manual_seed(0)
+    p = vit_protocol(vit_layer_decay=0.7)
+    ctx = SimpleNamespace(model=TinyViT(), checkpoint=SimpleNamespace(family="vit"))
+    strategy = strategy_for(ctx, p)
+    assert type(strategy).__name__ == "ViTFinetunedEncoder"
+    encoder = strategy.encoder(ctx, torch.device("cpu"))
+    head = make_head(192, p)
+    opt = strategy.optimizer(p, strategy.param_groups(p, head, encoder))
+    assert isinstance(opt, torch.optim.AdamW)
+    peak = 5e-4 * p.train_batch_size / 256  # ViT-Ti: ViT-S's values, MAE's blr 5e-4
+    assert strategy.learning_rate(p, 1, 0, 10) == pytest.approx(peak)  # the end of the one-epoch warm-up
+    assert strategy.learning_rate(p, 0, 5, 10) == pytest.approx(peak / 2)
+    strategy.apply_lr(opt, p, peak)
+    where = {id(q): g for g in opt.param_groups for q in g["params"]}
+    depth = len(encoder.vit.blocks)
+    names = list(encoder.vit.named_parameters()) + [(f"head.{n}", q) for n, q in head.named_parameters()]
+    assert len(where) == len(names)
+    for name, q in names:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        assert where[id(q)]["lr"] == pytest.approx(peak * 0.7 ** (depth + 1 - layer)), name
+        no_decay = q.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert where[id(q)]["weight_decay"] == (0.0 if no_decay else 0.05), name
+
+
+def test_vit_finetuning_end_to_end_on_the_10pct_subset(tmp_path, demo_root):
+    """The 10% task with a ViT: AdamW + layer decay trains a copy (the run's encoder untouched), the MAE
+    schedule's LR per epoch in the history, the recipe and its sources in the record's data."""
+    from types import SimpleNamespace
+
+    from tasks import semisup
+    from tasks.context import RunContext
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = SimpleNamespace(family="vit", cache_id="tiny-vit-test", sha256="0" * 16, path="tiny",
+                                 input_normalization=None)
+    ctx = RunContext(model, checkpoint, "vit_tiny", demo_root, torch.device("cpu"), 0, True, tmp_path,
+                     log=lambda *a: None)
+    p = vit_protocol()
+    out = semisup.run(ctx, p, task_name="semisup_10pct")
+    assert set(out.metrics) == {"semisup10_top1", "semisup10_top5"}
+    info = out.info
+    assert info["encoder_training"]["optimizer"].startswith("AdamW")
+    assert info["encoder_training"]["layer_decay"] == {"value": 0.75, "source": "as ViT-S"}
+    peak = 5e-4 * p.train_batch_size / 256
+    assert [h["lr"] for h in info["history"]] == pytest.approx([0.0, peak])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    saved = torch.load(ctx.state_path("semisup_10pct"), weights_only=True)["encoder"]
+    assert not torch.equal(saved["vit.blocks.0.attn.qkv.weight"], before["vit.blocks.0.attn.qkv.weight"])
