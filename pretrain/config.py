@@ -123,10 +123,17 @@ class PretrainConfig:
                              "takes the GPU of its LOCAL_RANK)")
     amp: str = s("bf16", "runtime: mixed precision on GPU (CPU runs in fp32)", choices=("none", "bf16", "fp16"))
     channels_last: bool = s(True, "runtime (GPU only)")
-    sync_bn: bool = s(False, "runtime: SyncBatchNorm under torchrun")
-    workers: int = s(4, "runtime: data-loading processes")
+    sync_bn: str = s("auto", "runtime: SyncBatchNorm under torchrun. auto: on with more than one process on CUDA, as "
+                     "BYOL's and the paper's batch statistics are over the global batch (BYOL §3.3: 'batch statistics "
+                     "... aggregated over all devices'), off on one process, on CPU (PyTorch's SyncBatchNorm needs CUDA) "
+                     "and for MoCo v2 (its shuffle BN keeps statistics per part); the run's config.yaml and last.pth "
+                     "record the value in force", choices=("auto", "true", "false"))
+    workers: int = s(-1, "runtime: data-loading processes per training process; -1 = the cores of the node shared "
+                         "among its processes, one kept for each, at most 8 (core.loading.resolve_workers)")
     out_dir: str = s("runs/{name}", "runtime: the run folder ({name} = the config's name)")
     save_every_steps: int = s(500, "runtime")
+    save_every_epochs: int = s(0, "runtime: also export the backbone as <out_dir>/backbone_epoch{N:04d}.pth (N = epochs "
+                               "completed) every this many epochs, for evaluating along training; 0 = off")
     log_every_steps: int = s(10, "runtime")
     stop_after_steps: int = s(0, "runtime: stop (as if interrupted) after this many steps; 0 = run to the end")
     max_steps: int = s(0, "cap the schedule's total steps (demo, benchmarks); 0 = epochs x steps per epoch")
@@ -139,7 +146,7 @@ AUGMENT_KEYS = ("crop_size", "crop_scale_min", "flip_p", "jitter_p", "brightness
 OPTIM_KEYS = ("optimizer", "epochs", "batch_size", "base_lr", "lr_scaling", "lr_schedule", "warmup_epochs",
               "warmup_steps", "weight_decay", "exclude_bias_norm", "excluded_lr_ratio", "accumulate")
 RUNTIME_KEYS = ("seed", "device", "amp", "channels_last", "sync_bn", "workers", "out_dir", "save_every_steps",
-                "log_every_steps", "stop_after_steps", "max_steps")
+                "save_every_epochs", "log_every_steps", "stop_after_steps", "max_steps")
 COMMON_KEYS = DATA_KEYS + ("arch", "stem", "method", "loss") + AUGMENT_KEYS + OPTIM_KEYS + RUNTIME_KEYS
 OPTIMIZER_KEYS = {"lars": ("momentum", "trust_coefficient"), "sgd": ("momentum",), "adam": ()}
 SCHEDULE_KEYS = {"cosine": ("lr_final_ratio",), "step": ("lr_drops", "lr_drop_gamma")}

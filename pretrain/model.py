@@ -85,7 +85,8 @@ def ema_update(pairs, tau: float):
     """ξ <- τ ξ + (1 - τ) θ with foreach ops (one fused call per list); BN statistics are copied."""
     t_params, o_params, t_bufs, o_bufs = pairs
     torch._foreach_lerp_(t_params, o_params, 1.0 - tau)
-    torch._foreach_copy_(t_bufs, o_bufs)
+    if t_bufs:  # networks without BatchNorm have no statistics to copy (foreach ops refuse empty lists)
+        torch._foreach_copy_(t_bufs, o_bufs)
 
 
 def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:

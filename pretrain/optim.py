@@ -19,7 +19,9 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every group with foreach ops (a handful of fused calls instead of a loop per tensor)."""
+        """One update of every group as a few foreach calls over all its tensors: the norms of the weights and
+        of the updates in one call each, every trust ratio in one vectorised `where` (no per-tensor Python loop
+        launching device work), momentum and the step as fused list ops."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -27,20 +29,20 @@ class LARS(torch.optim.Optimizer):
             updates = [p.grad for p in params]
             if group["lars"]:
                 updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
-                w_norms, u_norms = torch._foreach_norm(params), torch._foreach_norm(updates)
-                trust = [torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
-                         for w, u in zip(w_norms, u_norms)]
-                updates = torch._foreach_mul(updates, trust)
-            carried = [(self.state[p]["momentum_buffer"], u) for p, u in zip(params, updates)
-                       if "momentum_buffer" in self.state[p]]
-            for p, u in zip(params, updates):
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = u.clone()
-            if carried:
-                bufs, ups = zip(*carried)
-                torch._foreach_mul_(list(bufs), group["momentum"])
-                torch._foreach_add_(list(bufs), list(ups))
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
+                w = torch.stack(torch._foreach_norm(params))
+                u = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
+                torch._foreach_mul_(updates, trust.unbind())
+            states = [self.state[p] for p in params]
+            fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
+            if len(fresh) < len(params):
+                carried = [i for i, st in enumerate(states) if "momentum_buffer" in st]
+                bufs = [states[i]["momentum_buffer"] for i in carried]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, [updates[i] for i in carried])
+            for i in fresh:  # the first step: the buffer starts as the update
+                states[i]["momentum_buffer"] = updates[i].clone()
+            torch._foreach_add_(params, [st["momentum_buffer"] for st in states], alpha=-group["lr"])
 
 
 def lars_param_groups(named_params, exclude=True, excluded_lr_ratio=1.0):

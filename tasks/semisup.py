@@ -1,6 +1,7 @@
 """Semi-supervised ImageNet (paper §8.2): a classifier trained on SimCLR's 1% subset on the frozen encoder,
 and encoder and classifier finetuned on the 10% subset; scored on the full validation set."""
 from dataclasses import dataclass
+from typing import Optional
 
 from core.settings import setting
 from datasets.catalog import SUBDIRS
@@ -37,6 +38,15 @@ class SemisupProtocol(FrozenFeatureProtocol):
     init_std: float = setting(0.01, "MoCo's linear classification: weights N(0, 0.01), bias 0")
     head_batchnorm: bool = setting(False, "SimCLR fine-tunes a plain linear head")
     head_batchnorm_eps: float = setting(1e-6, "unused without head_batchnorm")
+    # A finetuned ViT trains with AdamW and layer-wise LR decay instead (tasks/semisup_vit.py); None: the value of
+    # its size there (MAE's blr, iBOT's layer decay and drop path)
+    vit_blr: Optional[float] = setting(None, "ViT finetuning: peak LR = blr x batch / 256 (MAE main_finetune.py); "
+                                             "None: per size")
+    vit_layer_decay: Optional[float] = setting(None, "ViT finetuning: layer-wise LR decay (BEiT / MAE); None: per size")
+    vit_drop_path: Optional[float] = setting(None, "ViT finetuning: stochastic depth rate; None: per size")
+    vit_weight_decay: float = setting(0.05, "ViT finetuning: MAE main_finetune.py --weight_decay 0.05")
+    vit_warmup_epochs: float = setting(5.0, "ViT finetuning: MAE main_finetune.py --warmup_epochs 5")
+    vit_min_lr: float = setting(1e-6, "ViT finetuning: MAE main_finetune.py --min_lr 1e-6")
 
 
 def run(ctx, p: SemisupProtocol, task_name="semisup") -> TaskOutput:

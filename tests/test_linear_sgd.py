@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from evaluate.run import cli
 import core.resume
@@ -22,23 +23,81 @@ def metrics_of(out):
     return json.loads(next((out / "records").rglob("*.json")).read_text())["metrics"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatch, demo_root):
-    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]
-    assert cli(args + ["--out", str(tmp_path / "full")]) == 0
-    real, calls = core.resume.atomic_torch_save, {"n": 0}
+ARGS = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]  # 3 epochs
 
-    def interrupted_after_first_epoch(obj, path):
-        real(obj, path)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
 
-    monkeypatch.setattr(core.resume, "atomic_torch_save", interrupted_after_first_epoch)
-    assert cli(args + ["--out", str(tmp_path / "split")]) == 130
-    assert not (tmp_path / "split" / "records").exists()
-    assert cli(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
-    assert "after epoch 1" in capsys.readouterr().out
-    assert metrics_of(tmp_path / "split") == metrics_of(tmp_path / "full")
+def state_of(out):
+    (path,) = (out / "state").glob("*.pt")
+    return path
+
+
+def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path, capsys, monkeypatch, demo_root):
+    """Interrupted after epoch 2: with its state file truncated, --resume continues from the previous state
+    (epoch 1); with both files unreadable, it starts over. Each says which in one line; the record is the
+    uninterrupted run's."""
+    assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
+    real = core.resume.atomic_save
+    for name, damage, message in (("truncated", "half", "resuming from the previous state"),
+                                  ("empty", "both", "starting over")):
+        calls = {"n": 0}
+
+        def interrupted_after_second_epoch(path, write):
+            real(path, write)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(core.resume, "atomic_save", interrupted_after_second_epoch)
+        out = tmp_path / name
+        assert cli(ARGS + ["--out", str(out)]) == 130
+        monkeypatch.setattr(core.resume, "atomic_save", real)
+        state = state_of(out)
+        assert torch.load(state.with_name(state.name + ".prev"), weights_only=True)["epoch"] == 1
+        data = state.read_bytes()
+        state.write_bytes(data[:len(data) // 2] if damage == "half" else b"")
+        if damage == "both":
+            state.with_name(state.name + ".prev").write_bytes(b"\x00" * 10)
+        capsys.readouterr()
+        assert cli(ARGS + ["--out", str(out), "--resume"]) == 0
+        said = [line for line in capsys.readouterr().out.splitlines() if "--resume:" in line]
+        assert len(said) == 1 and message in said[0], said
+        assert metrics_of(out) == metrics_of(tmp_path / "full")
+
+
+def test_kill_9_in_the_middle_of_a_probe_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, demo_root):
+    """A real process killed (SIGKILL) as soon as an epoch's state is saved; the same command with --resume
+    writes the uninterrupted run's record, with a bit-equal head (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from core.files import REPO_ROOT
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "evaluate" / "run.py"), *ARGS, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not list((killed / "state").glob("*.pt")) and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "records").exists()
+    assert torch.load(state_of(killed), weights_only=True)["epoch"] < 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed process ran
+    try:
+        assert cli(ARGS + ["--out", str(killed), "--resume"]) == 0
+        assert "resumed" in capsys.readouterr().out
+        assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics_of(killed) == metrics_of(tmp_path / "full")
+    heads = [torch.load(state_of(d), weights_only=True)["head"] for d in (killed, tmp_path / "full")]
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
 def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path, capsys, monkeypatch, demo_root):
@@ -127,3 +186,120 @@ def test_places205_probe_on_a_random_resnet50_does_not_diverge_and_presets_carry
     assert rec["protocol"]["lr"]["value"] == 0.01 and rec["protocol"]["lr"]["source"].startswith("Barlow Twins")
     assert rec["protocol"]["weight_decay"]["value"] == 5e-4 and rec["protocol"]["nesterov"]["value"] is True
     assert rec["protocol"]["head_batchnorm"]["value"] is True
+
+
+def test_no_host_read_per_probe_step(tmp_path, monkeypatch, demo_root):
+    """A probe in batches of 8 and one in batches of 32 read the device equally often from classifier_training.py
+    (.item(), .tolist(), int(), float()): the loss and accuracy are summed on the device, read once an epoch."""
+    import sys
+
+    from core.files import REPO_ROOT
+
+    counted = {"n": 0}
+    ours = str(REPO_ROOT / "tasks" / "classifier_training.py")
+    for name in ("item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            counted["n"] += sys._getframe(1).f_code.co_filename == ours
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    counts = []
+    for batch in (8, 32):
+        counted["n"] = 0
+        assert cli(ARGS + ["--set", f"train_batch_size={batch}", "--set", "epochs=1",
+                           "--out", str(tmp_path / str(batch))]) == 0
+        counts.append(counted["n"])
+    assert counts[0] == counts[1], counts
+
+
+class TinyViT(torch.nn.Module):
+    """timm's vit_tiny at 32 px with 8 px patches, as the family contract's ViT encoder: `.vit` is the timm
+    VisionTransformer and forward returns the CLS token after the final norm."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                     num_classes=0, dynamic_img_size=True)
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+def vit_protocol(**kw):
+    import dataclasses
+
+    from tasks.registry import TASKS
+
+    task = TASKS["semisup_10pct"]
+    return dataclasses.replace(task.protocol, **{**task.demo, "crop": 32, "resize": 36, "vit_drop_path": 0.0,
+                                                 "vit_warmup_epochs": 1.0, **kw})
+
+
+def test_vit_finetuning_lr_per_layer_is_peak_times_decay_to_the_depth():
+    """BEiT / MAE layer-wise decay, computed here from the parameter names: LR = peak x ld^(depth + 1 - layer),
+    layer 0 = patch embedding, position embedding and CLS token, layer i = block i - 1, the final norm and the
+    head at the peak; no weight decay on biases, norms, pos_embed, cls_token (MAE). (timm's
+    param_groups_layer_decay fails it: it gives the last block the final norm's scale.)"""
+    from types import SimpleNamespace
+
+    from tasks.classifier_training import make_head, strategy_for
+
+    torch.manual_seed(0)
+    p = vit_protocol(vit_layer_decay=0.7)
+    ctx = SimpleNamespace(model=TinyViT(), checkpoint=SimpleNamespace(family="vit"))
+    strategy = strategy_for(ctx, p)
+    assert type(strategy).__name__ == "ViTFinetunedEncoder"
+    encoder = strategy.encoder(ctx, torch.device("cpu"))
+    head = make_head(192, p)
+    opt = strategy.optimizer(p, strategy.param_groups(p, head, encoder))
+    assert isinstance(opt, torch.optim.AdamW)
+    peak = 5e-4 * p.train_batch_size / 256  # ViT-Ti: ViT-S's values, MAE's blr 5e-4
+    assert strategy.learning_rate(p, 1, 0, 10) == pytest.approx(peak)  # the end of the one-epoch warm-up
+    assert strategy.learning_rate(p, 0, 5, 10) == pytest.approx(peak / 2)
+    strategy.apply_lr(opt, p, peak)
+    where = {id(q): g for g in opt.param_groups for q in g["params"]}
+    depth = len(encoder.vit.blocks)
+    names = list(encoder.vit.named_parameters()) + [(f"head.{n}", q) for n, q in head.named_parameters()]
+    assert len(where) == len(names)
+    for name, q in names:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        assert where[id(q)]["lr"] == pytest.approx(peak * 0.7 ** (depth + 1 - layer)), name
+        no_decay = q.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert where[id(q)]["weight_decay"] == (0.0 if no_decay else 0.05), name
+
+
+def test_vit_finetuning_end_to_end_on_the_10pct_subset(tmp_path, demo_root):
+    """The 10% task with a ViT: AdamW + layer decay trains a copy (the run's encoder untouched), the MAE
+    schedule's LR per epoch in the history, the recipe and its sources in the record's data."""
+    from types import SimpleNamespace
+
+    from tasks import semisup
+    from tasks.context import RunContext
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = SimpleNamespace(family="vit", cache_id="tiny-vit-test", sha256="0" * 16, path="tiny",
+                                 input_normalization=None)
+    ctx = RunContext(model, checkpoint, "vit_tiny", demo_root, torch.device("cpu"), 0, True, tmp_path,
+                     log=lambda *a: None)
+    p = vit_protocol()
+    out = semisup.run(ctx, p, task_name="semisup_10pct")
+    assert set(out.metrics) == {"semisup10_top1", "semisup10_top5"}
+    info = out.info
+    assert info["encoder_training"]["optimizer"].startswith("AdamW")
+    assert info["encoder_training"]["layer_decay"] == {"value": 0.75, "source": "as ViT-S"}
+    peak = 5e-4 * p.train_batch_size / 256
+    assert [h["lr"] for h in info["history"]] == pytest.approx([0.0, peak])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    saved = torch.load(ctx.state_path("semisup_10pct"), weights_only=True)["encoder"]
+    assert not torch.equal(saved["vit.blocks.0.attn.qkv.weight"], before["vit.blocks.0.attn.qkv.weight"])

@@ -26,7 +26,8 @@ def one_thread():
 
 
 TINY = ["crop_size=32", "batch_size=16", "epochs=1", "warmup_epochs=0", "max_steps=4", "workers=0",
-        "proj_hidden=64", "pred_hidden=64", "proj_out=32", "save_every_steps=1", "log_every_steps=1"]
+        "proj_hidden=64", "pred_hidden=64", "proj_out=32", "save_every_steps=1000", "log_every_steps=1"]
+# (last.pth is written at the end or the stop only: a ResNet-18 state with its optimiser is ~130 MB a save)
 
 
 def test_schedules_hand_computed():
@@ -164,6 +165,10 @@ def test_views_per_view_or_in_one_pass():
                                                                                       training=True))
 
 
+# Smaller still, for the tests that train the same steps three times (resume after damage, kill -9).
+SMALL = ["crop_size=16", "batch_size=8", "views=2"]
+
+
 def run_tiny(tmp_path, name, extra=(), resume=False):
     cfg, _ = load_config("demo", TINY + [f"out_dir={tmp_path / name}", *extra])
     return train_mod.train(cfg, name, resume=resume, log=lambda *a: None)
@@ -272,25 +277,86 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, demo_
 
     monkeypatch.setattr(losses, "multiview_centroid_loss", flaky)
     with pytest.raises(train_mod.Diverged, match="at step 2"):
-        run_tiny(tmp_path, "nan")
+        run_tiny(tmp_path, "nan", ["save_every_steps=1"])
     assert torch.load(tmp_path / "nan" / "last.pth", weights_only=True)["step"] == 2
 
 
-def test_byol_and_layernorm_configs_train(tmp_path, demo_root):
-    out = run_tiny(tmp_path, "byol_ln", ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "head_norm=layernorm",
-                                         "max_steps=2"])
+def test_layernorm_heads_are_layernorm_and_train(tmp_path, demo_root):
+    """head_norm=layernorm (Table 13): every norm of the projector and predictor is a LayerNorm of the hidden
+    width (none is a BatchNorm), in the built network and in the saved state (no running statistics)."""
+    from pretrain.methods import build_method
+
+    over = ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "max_steps=2"]
+    for norm, kind in (("layernorm", torch.nn.LayerNorm), ("batchnorm", torch.nn.BatchNorm1d)):
+        cfg, _ = load_config("demo", TINY + over + [f"head_norm={norm}"])
+        method = build_method(cfg, 1)
+        for net in (method.online.projector, method.online.predictor, method.target.projector):
+            norms = [m for m in net.modules()
+                     if isinstance(m, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase))]
+            assert [type(m) for m in norms] == [kind] and norms[0].weight.shape == (64,), norm
+    out = run_tiny(tmp_path, "byol_ln", over + ["head_norm=layernorm"])
     assert "loss_byol" in (out / "log.jsonl").read_text()
+    online = torch.load(out / "last.pth", weights_only=True)["online"]
+    heads = [k for k in online if k.startswith(("projector.", "predictor."))]
+    assert "projector.1.weight" in heads and not any("running_" in k for k in heads)
 
 
-def test_gradient_accumulation_runs(tmp_path, demo_root):
-    out = run_tiny(tmp_path, "accumulate", ["accumulate=2", "max_steps=2"])
-    assert torch.load(out / "last.pth", weights_only=True)["step"] == 2
+def per_sample_norms(module):
+    """The ResNet's BatchNorm2d layers replaced by GroupNorm(1, C): statistics of each image alone."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.GroupNorm(1, child.num_features))
+        else:
+            per_sample_norms(child)
+    return module
 
 
-def test_cli_exit_codes(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "bogus=1"],
+def test_gradient_accumulation_of_2_x_b_equals_one_step_of_2b(tmp_path, demo_root, monkeypatch):
+    """accumulate=2 (two micro-batches of 8) ends with the parameters of accumulate=1 (one batch of 16).
+
+    Exact only where every sample's loss is independent of the others in its micro-batch, so here: BYOL's
+    per-image loss (no L_s / L_b, whose batch covariance and noise draws depend on the micro-batch), LayerNorm
+    heads and the backbone's BatchNorm swapped for a per-image GroupNorm (BatchNorm normalises over the
+    micro-batch of 8, not 16: accumulation then changes the statistics by design), and views cut without
+    random draws (the augmentation's draws follow the micro-batch order). What remains is float summation
+    order: parameters equal within 1e-6."""
+    import pretrain.model
+
+    real_build = pretrain.model.build_backbone
+    monkeypatch.setattr(pretrain.model, "build_backbone", lambda *a, **k: per_sample_norms(real_build(*a, **k)))
+
+    def fixed_views(cfg, batch, augs, g):
+        x = torch.nn.functional.interpolate(batch.float() / 255, size=cfg.crop_size, mode="bilinear")
+        return [x, x.flip(3)]
+
+    monkeypatch.setattr(train_mod, "cut_views", fixed_views)
+    over = ["views=2", "loss=byol", "lambda_s=0", "lambda_b=0", "head_norm=layernorm", "max_steps=2",
+            "crop_size=16"]
+    states = [torch.load(run_tiny(tmp_path, f"acc{a}", over + [f"accumulate={a}"]) / "last.pth", weights_only=True)
+              for a in (1, 2)]
+    for part in ("online", "target"):
+        for k, v in states[0][part].items():
+            torch.testing.assert_close(states[1][part][k], v, atol=1e-6, rtol=0, msg=f"{part}.{k}")
+    from pretrain.methods import build_method
+
+    torch.manual_seed(0)  # the initial network, as train() builds it: both runs moved away from it
+    initial = build_method(load_config("demo", TINY + over)[0], 1).online.state_dict()
+    assert states[0]["step"] == states[1]["step"] == 2
+    for k in ("backbone.conv1.weight", "projector.0.bias", "predictor.1.weight"):
+        assert (states[0]["online"][k] - initial[k]).abs().max() > 1e-4, k
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert train_mod.cli(["--config", "demo", "bogus=1", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'bogus'")
+
+
+def test_the_script_runs_as_a_file(tmp_path):
+    """One real process for the script's own entry (its sys.path line, its exit code); the mistakes
+    themselves are tested in-process below."""
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", "views=four"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'bogus'")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "expected int" in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -299,34 +365,35 @@ def test_cli_exit_codes(tmp_path):
     (["--config", "demo", "amp=bf61"], "config amp='bf61' is not one of none, bf16, fp16"),
     (["--config", "demo", "device=cuda", "max_steps=1"], "device=cuda asked for CUDA, but no CUDA device is available"),
     (["--config", "{orphan}"], "names base: no_such_config, but there is no"),
+    (["--config", "demo", "--resume"], "--resume: no checkpoint at"),
 ])
-def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, args, message):
-    """Each mistake stops the run before any work: exit 2, one line on stderr, no traceback."""
+def test_pretraining_config_mistakes_exit_2_with_one_sentence(tmp_path, capsys, args, message):
+    """Each mistake stops the run before any work: exit 2, one line on stderr, no traceback, no run folder."""
     if torch.cuda.is_available() and "device=cuda" in args:
         pytest.skip("this machine has CUDA")
     orphan = tmp_path / "orphan.yaml"
     orphan.write_text("base: no_such_config\nviews: 2\n")
     args = [str(orphan) if a == "{orphan}" else a for a in args]
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), *args, f"out_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    code = train_mod.cli([*args, f"out_dir={tmp_path / 'run'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith("error: ") and not (tmp_path / "run").exists()
 
 
-def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root):
+def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root, capsys):
+    """An image that cannot be decoded, met in a loader worker process: exit 2 naming it, no traceback."""
     import shutil
 
     root = tmp_path / "data"
     shutil.copytree(demo_root / "imagenet", root / "imagenet")
     victim = sorted((root / "imagenet" / "train").rglob("*.JPEG"))[5]
     victim.write_bytes(b"not a jpeg")
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain/train.py"), "--config", "demo", *TINY,
-                           "workers=2", f"data_root={root}", "max_steps=30", "batch_size=16",
-                           f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
-    last = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert proc.returncode == 2 and last == f"error: cannot read image {victim}; fix or remove it"
-    assert "Traceback" not in proc.stderr
+    code = train_mod.cli(["--config", "demo", *TINY, "crop_size=16", "views=2", "workers=2", f"data_root={root}",
+                          "max_steps=30", "batch_size=16", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert code == 2 and last == f"error: cannot read image {victim}; fix or remove it"
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
@@ -339,6 +406,10 @@ def test_two_process_ddp_on_cpu(tmp_path, demo_root, config):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "backbone.pth").is_file()
+    import yaml
+
+    # sync_bn=auto in force: off, as SyncBatchNorm needs CUDA (on 2 GPUs it is on: test_sync_bn_follows_...)
+    assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["sync_bn"] == "false"
     state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
     assert math.isfinite(state["metrics"]["loss"])
     if config == "demo_mocov2":  # 2 steps x 16 keys (8 from each process) fill the queue of 32 exactly once
@@ -357,3 +428,193 @@ def test_sweeps_expand_to_loadable_commands():
         at = cmd.index("--config")
         cfg, _ = load_config(cmd[at + 1], [a for a in cmd[at + 2:] if not a.startswith("out_dir=")])
         assert cfg.epochs == (300 if cmd in table11 else 320)
+
+
+@pytest.fixture
+def epochs_of_two_steps(monkeypatch):
+    """The demo images cut to 32, so that a batch of 16 makes an epoch of two steps."""
+
+    class FirstImages(train_mod.SquareImages):
+        def __init__(self, splits, size):
+            super().__init__(splits, size)
+            self.items = self.items[:32]
+
+    monkeypatch.setattr(train_mod, "SquareImages", FirstImages)
+
+
+def test_save_every_epochs_exports_the_backbone_after_each_epoch(tmp_path, demo_root, epochs_of_two_steps):
+    """backbone_epoch0001.pth is the online backbone after epoch 1 (step 2), backbone_epoch0002.pth after
+    epoch 2, equal to the final backbone.pth; a resumed run keeps numbering by completed epochs."""
+    out = run_tiny(tmp_path, "epochs", ["save_every_epochs=1", "epochs=2", "max_steps=0", "stop_after_steps=3"])
+    after_two = torch.load(out / "last.pth", weights_only=True)  # saved every step: step 3 now
+    first = torch.load(out / "backbone_epoch0001.pth", weights_only=True)
+    assert sorted(p.name for p in out.glob("backbone*.pth")) == ["backbone_epoch0001.pth"]
+    assert after_two["step"] == 3 and not any(k.startswith("fc.") for k in first)
+    run_tiny(tmp_path, "epochs", ["save_every_epochs=1", "epochs=2", "max_steps=0"], resume=True)
+    second = torch.load(out / "backbone_epoch0002.pth", weights_only=True)
+    final = torch.load(out / "backbone.pth", weights_only=True)
+    assert second.keys() == final.keys() == first.keys()
+    assert all(torch.equal(second[k], final[k]) for k in final)
+    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+    # epoch 1 is the network after step 2: a run stopped there saved the same weights
+    two = run_tiny(tmp_path, "two", ["epochs=2", "max_steps=0", "stop_after_steps=2"])
+    online = torch.load(two / "last.pth", weights_only=True)["online"]
+    assert all(torch.equal(first[k], online[f"backbone.{k}"]) for k in first)
+
+
+def assert_same_networks(a, b):
+    for part in ("online", "target"):
+        assert a[part].keys() == b[part].keys()
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_starts_over(tmp_path, demo_root):
+    """--resume with a truncated last.pth continues from last.pth.prev (the step before), with an empty one
+    and an unreadable previous state it starts over; each says which in one line and ends where an
+    uninterrupted run does."""
+    full = torch.load(run_tiny(tmp_path, "full", SMALL + ["max_steps=3"]) / "last.pth", weights_only=True)
+    for name, damage, message in (("truncated", "half", "resuming from the previous state"),
+                                  ("empty", "both", "starting over")):
+        out = tmp_path / name
+        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3", "stop_after_steps=2",
+                                                     "save_every_steps=1"])
+        train_mod.train(cfg, name, log=lambda *a: None)
+        assert torch.load(out / "last.pth.prev", weights_only=True)["step"] == 1
+        data = (out / "last.pth").read_bytes()
+        (out / "last.pth").write_bytes(data[:len(data) // 2] if damage == "half" else b"")
+        if damage == "both":
+            (out / "last.pth.prev").write_bytes(b"not a checkpoint")
+        (out / ".last.pth.x1y2.tmp").write_bytes(b"left by a killed writer")
+        cfg, _ = load_config("demo", TINY + SMALL + [f"out_dir={out}", "max_steps=3"])
+        said = []
+        train_mod.train(cfg, name, resume=True, log=said.append)
+        damaged = [line for line in said if line.startswith("--resume:")]
+        assert len(damaged) == 1 and message in damaged[0] and "\n" not in damaged[0], said
+        assert any(line.startswith("resumed") and "last.pth.prev at step 1" in line for line in said) == (
+            damage == "half"), said
+        assert_same_networks(torch.load(out / "last.pth", weights_only=True), full)
+        assert not list(out.glob(".last.pth.*.tmp"))
+
+
+def test_kill_9_in_the_middle_of_pretraining_then_resume_equals_an_uninterrupted_run(tmp_path, demo_root):
+    """SIGKILL as soon as a step is saved (a real process, no clean-up of any kind); the same command with
+    --resume ends bit-equal to an uninterrupted run (CPU, one thread)."""
+    import signal
+    import time
+
+    argv = ["--config", "demo", *TINY, *SMALL, "max_steps=6", "save_every_steps=1", f"out_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain/train.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not (tmp_path / "killed" / "last.pth").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["step"]
+    assert killed_at < 6 and not (tmp_path / "killed" / "backbone.pth").exists()
+    assert train_mod.main(argv + ["--resume"]) == 0
+    full = torch.load(run_tiny(tmp_path, "full", SMALL + ["max_steps=6"]) / "last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
+    assert resumed["step"] == 6
+    assert_same_networks(resumed, full)
+    assert resumed["optimizer"]["state"].keys() == full["optimizer"]["state"].keys()
+    for k, v in full["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], resumed["optimizer"]["state"][k][n]) for n in v if torch.is_tensor(v[n]))
+
+
+def test_sync_bn_follows_the_process_count():
+    """sync_bn=auto: on with several CUDA processes (global batch statistics, as BYOL), off on one process,
+    on the CPU and for MoCo v2's shuffle BN; explicit values win where they can run."""
+    demo = load_config("demo")[0]
+    assert demo.sync_bn == "auto"
+    cases = [(demo, 1, "cuda", False), (demo, 2, "cuda", True), (demo, 8, "cuda:3", True), (demo, 2, "cpu", False),
+             (load_config("demo_mocov2")[0], 2, "cuda", False),
+             (load_config("demo", ["sync_bn=false"])[0], 2, "cuda", False),
+             (load_config("demo", ["sync_bn=true"])[0], 1, "cuda", False)]
+    for cfg, world, device, expected in cases:
+        on, sentence = train_mod.batch_norm_sync(cfg, world, torch.device(device))
+        assert on is expected and ("synchronised" in sentence) is expected, (cfg.method, world, device)
+    with pytest.raises(UserError, match="sync_bn=true needs CUDA"):
+        train_mod.batch_norm_sync(load_config("demo", ["sync_bn=true"])[0], 2, torch.device("cpu"))
+    with pytest.raises(UserError, match="mocov2 keeps BatchNorm statistics per split"):
+        load_config("demo_mocov2", ["sync_bn=true"])
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts tensor reads to the host (.item(), .tolist(), int(), float()) made directly by the code of
+    pretrain/ and tasks/classifier_training.py: on a GPU each one waits for the device."""
+    counted = {"n": 0}
+    ours = (str(REPO / "pretrain"), str(REPO / "tasks" / "classifier_training.py"))
+    for name in ("item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                counted["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counted
+
+
+@pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
+def test_no_host_read_per_training_step(tmp_path, demo_root, host_reads, config):
+    """Runs of 2 and 5 steps, logged and saved once at the end, read the device equally often: the loss
+    terms are summed on the device and MoCo's queue pointer is a Python int."""
+    over = tiny_overrides(config) + ["log_every_steps=1000", "save_every_steps=1000"]
+    over += ["queue_size=64"] if config == "demo_mocov2" else ["views=2"]
+    counts = []
+    for steps in (2, 5):
+        cfg, _ = load_config(config, over + [f"max_steps={steps}", f"out_dir={tmp_path / str(steps)}"])
+        host_reads["n"] = 0
+        train_mod.train(cfg, config, log=lambda *a: None)
+        counts.append(host_reads["n"])
+    assert counts[0] == counts[1], counts
+
+
+def reference_lars(groups, steps):
+    """LARS as it was written before (and as BYOL's optimizer.py states it), one tensor at a time:
+    u = g + wd w; u *= eta ||w|| / ||u|| where both norms are > 0 (else 1); buf = m buf + u (buf = u at first);
+    w -= lr buf. Excluded groups (lars=False, wd 0): plain SGD with momentum."""
+    bufs = {}
+    for grads in steps:
+        for group in groups:
+            for p in group["params"]:
+                g = grads[id(p)]
+                u = g + group["weight_decay"] * p if group["lars"] else g.clone()
+                if group["lars"]:
+                    w_norm, u_norm = p.norm(), u.norm()
+                    u = u * torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                bufs[id(p)] = u.clone() if id(p) not in bufs else bufs[id(p)] * group["momentum"] + u
+                p -= group["lr"] * bufs[id(p)]
+
+
+def test_vectorised_lars_equals_the_per_tensor_formula():
+    torch.manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (16,), (32, 16), (32,), (10, 32), (10,), (4, 4)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    with torch.no_grad():
+        params[-1].zero_()  # ||w|| = 0: trust ratio 1
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    steps = [{id(p): torch.randn_like(p) for p in params} for _ in range(3)]
+    steps[1][id(params[3])].zero_()  # a zero gradient with weight decay still moves the weights
+    opt = LARS(lars_param_groups(named), lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=1e-3)
+    ref_params = [p.detach().clone() for p in params]
+    initial = [p.detach().clone() for p in params]
+    ref_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [ref_params[[id(q) for q in params].index(id(p))] for p in g["params"]]}
+                  for g in opt.param_groups]
+    ref_steps = [{id(ref_params[i]): s[id(p)] for i, p in enumerate(params)} for s in steps]
+    for grads in steps:
+        for p in params:
+            p.grad = grads[id(p)].clone()
+        opt.step()
+    reference_lars(ref_groups, ref_steps)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+    assert all((p.detach() - w).abs().max() > 1e-6 for p, w in zip(params, initial))  # every tensor moved

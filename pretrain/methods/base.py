@@ -56,6 +56,7 @@ class Method(nn.Module):
     keys = ()            # config keys it reads besides pretrain.config.COMMON_KEYS
     fixed_views = 2      # the views it takes (None: any K >= 2, from the `views` key)
     ema = None           # None, "cosine" (BYOL's τ schedule) or "constant" (MoCo's momentum)
+    sync_bn_by_default = True  # sync_bn=auto synchronises BatchNorm over the processes (global batch statistics)
 
     def __init__(self, cfg, world=1):
         super().__init__()

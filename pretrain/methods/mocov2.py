@@ -40,11 +40,12 @@ class MoCoV2(Method):
     source = "facebookresearch/moco (builder.py, main_moco.py; README: --mlp --moco-t 0.2 --aug-plus --cos)"
     keys = ("views", "temperature", "queue_size", "bn_splits", "tau_base", "proj_hidden", "proj_out")
     ema = "constant"
+    sync_bn_by_default = False  # its shuffle BN: statistics per part of the batch, never across processes
 
     @classmethod
     def check(cls, cfg):
         super().check(cfg)
-        if cfg.sync_bn:
+        if cfg.sync_bn == "true":
             raise UserError("mocov2 keeps BatchNorm statistics per split (its shuffle BN); sync_bn would merge them")
         micro = cfg.batch_size // cfg.accumulate
         if cfg.queue_size < micro or cfg.queue_size % micro:
@@ -65,6 +66,13 @@ class MoCoV2(Method):
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.target.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_out), dim=1))
         self.target.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # The pointer as a Python int, so that a step does not wait for the device to read it; the buffer keeps
+        # it in checkpoints, and is read once after a checkpoint is loaded into the key encoder.
+        self._queue_ptr = 0
+        self.target.register_load_state_dict_post_hook(self._pointer_from_buffer)
+
+    def _pointer_from_buffer(self, module, incompatible_keys):
+        self._queue_ptr = int(self.target.queue_ptr)
 
     @torch.no_grad()
     def keys_of(self, x, g):
@@ -75,9 +83,10 @@ class MoCoV2(Method):
     @torch.no_grad()
     def enqueue(self, k):
         k = gather_with_grad(k)
-        ptr = int(self.target.queue_ptr)
+        ptr = self._queue_ptr
         self.target.queue[ptr:ptr + k.shape[0]] = k
-        self.target.queue_ptr.fill_((ptr + k.shape[0]) % self.target.queue.shape[0])
+        self._queue_ptr = (ptr + k.shape[0]) % self.target.queue.shape[0]
+        self.target.queue_ptr.fill_(self._queue_ptr)
 
     def loss(self, q, views, g, shared):
         k = self.keys_of(views[1], g)
