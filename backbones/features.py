@@ -6,6 +6,7 @@ kNN, SVM and linear probes on the same images extract once. Under torchrun each 
 contiguous shard of the split and writes it beside the cache; rank 0 joins the shards in dataset order.
 """
 import hashlib
+import os
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,43 @@ def feature_cache_key(checkpoint_id: str, arch: str, split_fingerprint: str, tra
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _cache_problem(cached) -> str:
+    """Why a loaded cache entry cannot be used (None when it can)."""
+    if not isinstance(cached, dict) or not {"features", "labels", "index", "skipped"} <= set(cached):
+        return "not a feature-cache entry"
+    features, labels, index = cached["features"], cached["labels"], cached["index"]
+    if not all(isinstance(t, torch.Tensor) for t in (features, labels, index)) or features.dim() != 2 \
+            or not len(features) == len(labels) == len(index):
+        return "its tensors do not fit together"
+    return None
+
+
+def read_cache(path, log=print):
+    """The feature-cache entry at `path`, or None when there is none. An entry that cannot be read (truncated or
+    empty: a job killed while writing it on a network filesystem; or not a feature cache) is reported in one
+    line and removed, so that the caller extracts again."""
+    identity = None
+    try:
+        with open(path, "rb") as f:
+            identity = os.fstat(f.fileno())
+            cached = torch.load(f, map_location="cpu", weights_only=True)
+        problem = _cache_problem(cached)
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # torch.load: RuntimeError (zip reader), EOFError, UnpicklingError, ...
+        problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
+    if problem is None:
+        return cached
+    log(f"  warning: the feature cache {path} is unreadable ({problem}); removed, extracting the features again")
+    try:
+        # only the file that was read: another job may have replaced it with a good one meanwhile
+        if identity is None or os.stat(path).st_ino == identity.st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    return None
+
+
 def _extract(model, dataset, indices, device, batch_size, num_workers, skip_bad_images, desc, show, split):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, collate_fn=collate_readable,
@@ -92,11 +130,11 @@ def extract_features(model, checkpoint_id, arch, split, transform: EvalTransform
     folder = cache_dir() / "features"
     path = folder / f"{key}.pt"
     desc = f"features {split.dataset}/{split.split}"
-    if use_cache and path.is_file():
+    cached = read_cache(path, log) if use_cache and path.is_file() else None
+    if cached is not None:
         info = {"cache": "hit", "cache_key": key}
         if rank != 0:
             return None, None, info
-        cached = torch.load(path, map_location="cpu", weights_only=True)
         log(f"  features of {split.dataset}/{split.split} read from cache ({path.name})")
         return cached["features"], cached["labels"], {**info, "index": cached["index"],
                                                       "skipped_images": int(cached["skipped"])}
