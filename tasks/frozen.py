@@ -28,7 +28,7 @@ DATASET_PRESETS = {
                       metric_prefix="places205"),
     "inat18": dict(dataset="inat18", train_split="train", test_split="val", num_classes=8142, metric_prefix="inat18"),
 }
-# Demo datasets (tasks/datasets/*.write_demo) are smaller; ImageNet demo images are 64 px.
+# Demo datasets (datasets/*.py write_demo) are smaller; ImageNet demo images are 64 px.
 DEMO_PRESETS = {
     "imagenet": dict(num_classes=12, resize=64, crop=64),
     "imagenet100": dict(num_classes=6, class_list=IN100_DEMO_CLASSES, resize=64, crop=64),
@@ -94,6 +94,7 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
             rank=ctx.rank, world=ctx.world)
         out[name] = (feats, labels)
         info["feature_cache"][name] = extra["cache"]
+        info["precision"] = extra["precision"]
         if feats is None:
             continue
         info[f"{name}_size"] = len(labels)
