@@ -34,8 +34,10 @@ class KnnProtocol(FrozenFeatureProtocol):
                                               "all three reported together")
     temperature: float = setting(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
     query_chunk: int = setting(4096, "runtime setting (queries searched per call); does not change results")
-    bank_dtype: str = setting("float32", "float32: exact; float16: the bank stored in half precision (FAISS fp16 "
-                                       "scalar quantizer), so that an ImageNet bank (1.28M x 2048) fits in 24 GB")
+    bank_dtype: str = setting("float32", "float32: exact; float16: the bank held in half precision (half the "
+                                       "memory: an ImageNet bank of 1.28M x 2048 in 5 GB), searched exactly "
+                                       "block by block (CPU: each block widened to float32 for FAISS's exhaustive "
+                                       "inner-product search; GPU: float16 products accumulated in float32)")
 
 
 def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, device="cpu",

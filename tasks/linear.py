@@ -62,29 +62,33 @@ DEMO = dict(max_iter=100, sgd_epochs=3, sgd_batch_size=32, wmse_batch_size=60, w
 
 
 def train_linear_wmse(xtr, ytr, num_classes, p: LinearProtocol, seed: int, device="cpu"):
-    """W-MSE's probe on precomputed features: (the trained nn.Linear, per-epoch history, training rows used)."""
-    g = torch.Generator().manual_seed(seed)
+    """W-MSE's probe on precomputed features (eval/sgd.py eval_sgd), with its random calls in its order: after
+    torch.manual_seed(seed), PyTorch's default initialisation of nn.Linear, then per epoch one
+    torch.randperm(len(x_train)) cut into batches. W-MSE's `.view(-1, 1000)` needs a multiple of the batch size;
+    here a remainder is left out of each epoch (the rows past the last whole batch of that epoch's
+    permutation). Returns (the trained nn.Linear, per-epoch history, training rows used per epoch)."""
     n = len(xtr) - len(xtr) % p.wmse_batch_size
     if n == 0:
         raise UserError(f"wmse_batch_size {p.wmse_batch_size} exceeds the {len(xtr)} training images")
-    keep = torch.randperm(len(xtr), generator=g)[:n]  # the loader's drop_last, drawn once
-    x, y = xtr[keep].to(device), ytr[keep].to(device)
-    torch.manual_seed(seed)
-    clf = torch.nn.Linear(x.shape[1], num_classes).to(device)  # PyTorch's default initialisation, as W-MSE
-    opt = torch.optim.Adam(clf.parameters(), lr=p.wmse_lr, weight_decay=p.wmse_weight_decay)
-    gamma = (p.wmse_lr_end / p.wmse_lr) ** (1 / p.wmse_epochs)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    x, y = xtr.float().to(device), ytr.to(device)
     history = []
-    for epoch in progress(range(p.wmse_epochs), "linear (wmse)", unit="epoch"):
-        lr, total = opt.param_groups[0]["lr"], 0.0
-        for batch in torch.randperm(n, generator=g).view(-1, p.wmse_batch_size):
-            loss = F.cross_entropy(clf(x[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        scheduler.step()
-        history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total * p.wmse_batch_size / n})
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        clf = torch.nn.Linear(x.shape[1], num_classes).to(device)
+        opt = torch.optim.Adam(clf.parameters(), lr=p.wmse_lr, weight_decay=p.wmse_weight_decay)
+        gamma = (p.wmse_lr_end / p.wmse_lr) ** (1 / p.wmse_epochs)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+        for epoch in progress(range(p.wmse_epochs), "linear (wmse)", unit="epoch"):
+            lr, total = opt.param_groups[0]["lr"], torch.zeros((), device=device)
+            for batch in torch.randperm(len(x))[:n].view(-1, p.wmse_batch_size):
+                batch = batch.to(device)
+                loss = F.cross_entropy(clf(x[batch]), y[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+            scheduler.step()
+            history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total.item() * p.wmse_batch_size / n})
     return clf, history, n
 
 
