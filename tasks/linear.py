@@ -92,19 +92,89 @@ def train_linear_wmse(xtr, ytr, num_classes, p: LinearProtocol, seed: int, devic
     return clf, history, n
 
 
-def fit_logistic_regression(x, y, num_classes, l2, max_iter=500):
-    """Minimise mean cross-entropy + (l2 / 2) * ||W||^2 (bias unpenalised); returns (W (D, C), b (C,))."""
-    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+class FeatureBank:
+    """Training features where the L-BFGS solver reads them, optionally standardised by (x - mean) / std on the way.
+
+    On a device with room for them they are copied there once (a block at a time, into one tensor) and every
+    evaluation reads them in place. Otherwise (`torch.cuda.mem_get_info`: less free memory than 1.5 times the
+    bank, the rest being logits and gradients), or when `block_rows` is given, they stay on the host (pinned for
+    CUDA) and each evaluation copies them `block_rows` rows at a time: the loss and gradient are sums over
+    blocks, so only the time changes."""
+
+    COPY_ROWS = 65536  # rows standardised per step while copying: bounds the temporary memory
+
+    def __init__(self, x, device="cpu", mean=None, std=None, block_rows=None, log=print):
+        self.device = torch.device(device)
+        self.dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.shape = x.shape
+        self.mean = None if mean is None else mean.to(self.device, self.dtype)
+        self.std = None if std is None else std.to(self.device, self.dtype)
+        nbytes = x.shape[0] * x.shape[1] * self.dtype.itemsize
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        if block_rows is None and free is not None and 1.5 * nbytes > free:
+            block_rows = max(1, int(free // 4 // (x.shape[1] * self.dtype.itemsize)))
+            log(f"  the feature bank ({nbytes / 2 ** 30:.1f} GB) does not fit on {self.device} "
+                f"({free / 2 ** 30:.1f} GB free): streamed in blocks of {block_rows} rows at every L-BFGS evaluation")
+        self.block_rows = block_rows
+        if block_rows is not None:
+            self.host = x.to(self.dtype)
+            if self.device.type == "cuda":
+                self.host = self.host.pin_memory()
+        else:
+            self.data = torch.empty(x.shape, dtype=self.dtype, device=self.device)
+            for start in range(0, len(x), self.COPY_ROWS):
+                self.data[start:start + self.COPY_ROWS] = self.prepare(x[start:start + self.COPY_ROWS])
+
+    def __len__(self):
+        return self.shape[0]
+
+    def prepare(self, x):
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        return x if self.mean is None else (x - self.mean) / self.std
+
+    def blocks(self):
+        """(first row, rows on the device) over the bank."""
+        if self.block_rows is None:
+            yield 0, self.data
+            return
+        for start in range(0, len(self), self.block_rows):
+            yield start, self.prepare(self.host[start:start + self.block_rows])
+
+    def logits(self, w, b, rows=None):
+        """x @ w + b of the `rows` (a boolean mask; all by default), on the CPU."""
+        out = []
+        with torch.no_grad():
+            for start, xb in self.blocks():
+                z = xb @ w + b
+                out.append((z if rows is None else z[rows[start:start + len(xb)]]).cpu())
+        return torch.cat(out)
+
+
+def fit_logistic_regression(x, y, num_classes, l2, max_iter=500, rows=None):
+    """Minimise mean cross-entropy + (l2 / 2) * ||W||^2 (bias unpenalised) over the `rows` of `x` (a FeatureBank or
+    a tensor; `rows` a boolean mask, all rows by default); returns (W (D, C), b (C,))."""
+    bank = x if isinstance(x, FeatureBank) else FeatureBank(x, x.device)
+    device, dtype = bank.device, bank.dtype
+    y = y.to(device)
+    weight = torch.ones(len(bank), dtype=dtype, device=device) if rows is None else rows.to(device, dtype)
+    weight = weight / weight.sum()
+    w = torch.zeros(bank.shape[1], num_classes, dtype=dtype, device=device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
     # Solver numerics (not protocol): tolerances tight enough that max_iter decides when to stop.
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
+        total = torch.zeros((), dtype=dtype, device=device)
+        for start, xb in bank.blocks():  # gradients add up over the blocks
+            end = start + len(xb)
+            loss = (F.cross_entropy(xb @ w + b, y[start:end], reduction="none") * weight[start:end]).sum()
+            loss.backward()
+            total += loss.detach()
+        penalty = 0.5 * l2 * (w * w).sum()
+        penalty.backward()
+        return total + penalty.detach()
 
     opt.step(closure)
     return w.detach(), b.detach()
@@ -122,21 +192,24 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int):
     return held
 
 
-def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, seed, device="cpu"):
-    """Choose the L2 strength on a held-out part of the training set, refit on all of it."""
+def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, seed, device="cpu", block_rows=None,
+                      log=print):
+    """Choose the L2 strength on a held-out part of the training set, refit on all of it. The standardised
+    training features go to `device` once (`FeatureBank`; streamed in blocks when they do not fit there)."""
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)  # standardise with training statistics only
-
-    def prep(x):
-        return ((x - mean) / std).to(device)
-
+    bank = FeatureBank(xtr, device, mean, std, block_rows, log)
     held = torch.from_numpy(stratified_holdout(ytr.numpy(), holdout_fraction, seed))
     search = {}
     for l2 in grid:
-        w, b = fit_logistic_regression(prep(xtr[~held]), ytr[~held].to(device), num_classes, l2, max_iter)
-        search[l2] = topk_accuracy((prep(xtr[held]) @ w + b).cpu(), ytr[held], (1,))[1]
+        w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter, rows=~held)
+        search[l2] = topk_accuracy(bank.logits(w, b, held.to(bank.device)), ytr[held], (1,))[1]
     best = max(grid, key=lambda l2: (search[l2], l2))  # ties go to the stronger regulariser
-    w, b = fit_logistic_regression(prep(xtr), ytr.to(device), num_classes, best, max_iter)
-    return (lambda x: (prep(x) @ w + b).cpu()), best, search
+    w, b = fit_logistic_regression(bank, ytr, num_classes, best, max_iter)
+
+    def predict(x):
+        return FeatureBank(x, device, mean, std, bank.block_rows, log).logits(w, b)
+
+    return predict, best, search
 
 
 def sgd_protocol(p: LinearProtocol) -> linear_sgd.LinearSgdProtocol:
@@ -162,7 +235,7 @@ def run(ctx, p: LinearProtocol) -> TaskOutput:
     else:
         torch.manual_seed(ctx.seed)
         predict, best, search = train_linear_fast(xtr, ytr, p.num_classes, p.l2_grid, p.holdout_fraction,
-                                                  p.max_iter, ctx.seed, ctx.device)
+                                                  p.max_iter, ctx.seed, ctx.device, log=ctx.log)
         scores = predict(xte)
         info.update(chosen_l2=best, holdout_top1_by_l2={str(k): v for k, v in search.items()})
     acc = topk_accuracy(scores, yte, (1, 5))
