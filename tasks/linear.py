@@ -13,13 +13,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core import distributed
 from core.cli import UserError
 from core.progress import progress
 from core.settings import setting
+from datasets.views import EvalTransform
 from tasks import linear_sgd
 from tasks.classifier_training import SCHEDULES
 from tasks.context import TaskOutput
-from tasks.frozen import FrozenFeatureProtocol, features_artifact, train_test_features
+from tasks.frozen import (FrozenFeatureProtocol, TapCheckpoint, default_tap, family_transform, features_artifact,
+                          input_normalization, is_vit, linear_taps, read_splits, tap_module, train_test_features)
 from tasks.metrics import topk_accuracy
 
 
@@ -192,53 +195,132 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int):
     return held
 
 
-def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, seed, device="cpu", block_rows=None,
-                      log=print):
-    """Choose the L2 strength on a held-out part of the training set, refit on all of it. The standardised
-    training features go to `device` once (`FeatureBank`; streamed in blocks when they do not fit there)."""
-    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)  # standardise with training statistics only
-    bank = FeatureBank(xtr, device, mean, std, block_rows, log)
+def standardised_bank(xtr, device="cpu", block_rows=None, log=print) -> FeatureBank:
+    """The training features standardised with their own mean/std (training statistics only), on `device`."""
+    return FeatureBank(xtr, device, xtr.mean(0), xtr.std(0).clamp_min(1e-6), block_rows, log)
+
+
+def holdout_search(bank: FeatureBank, ytr, num_classes, grid, holdout_fraction, max_iter, seed) -> dict:
+    """{L2 strength: top-1 on a stratified held-out part of the training set, fitted on the rest}."""
     held = torch.from_numpy(stratified_holdout(ytr.numpy(), holdout_fraction, seed))
     search = {}
     for l2 in grid:
         w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter, rows=~held)
         search[l2] = topk_accuracy(bank.logits(w, b, held.to(bank.device)), ytr[held], (1,))[1]
-    best = max(grid, key=lambda l2: (search[l2], l2))  # ties go to the stronger regulariser
-    w, b = fit_logistic_regression(bank, ytr, num_classes, best, max_iter)
-
-    def predict(x):
-        return FeatureBank(x, device, mean, std, bank.block_rows, log).logits(w, b)
-
-    return predict, best, search
+    return search
 
 
-def sgd_protocol(p: LinearProtocol) -> linear_sgd.LinearSgdProtocol:
-    """The SGD probe that `protocol=sgd` trains: the dataset values of `p` and its sgd_* values."""
+def best_l2(search: dict) -> float:
+    return max(search, key=lambda l2: (search[l2], l2))  # ties go to the stronger regulariser
+
+
+def refit(bank: FeatureBank, ytr, num_classes, l2, max_iter):
+    """The classifier fitted on every training row; returns predict(x) -> logits on the CPU."""
+    w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter)
+    return lambda x: FeatureBank(x, bank.device, bank.mean, bank.std, bank.block_rows).logits(w, b)
+
+
+def train_linear_fast(xtr, ytr, num_classes, grid, holdout_fraction, max_iter, seed, device="cpu", block_rows=None,
+                      log=print):
+    """Choose the L2 strength on a held-out part of the training set, refit on all of it. The standardised
+    training features go to `device` once (`FeatureBank`; streamed in blocks when they do not fit there)."""
+    bank = standardised_bank(xtr, device, block_rows, log)
+    search = holdout_search(bank, ytr, num_classes, grid, holdout_fraction, max_iter, seed)
+    best = best_l2(search)
+    return refit(bank, ytr, num_classes, best, max_iter), best, search
+
+
+def fast_probe(ctx, p: LinearProtocol, taps, splits):
+    """The fast probe over the release's taps: for each, its features and the held-out L2 search; the (tap, L2)
+    with the best held-out top-1 (ties: the first tap listed, the stronger L2) is refitted on all training
+    images. One tap for most releases; DINOv2's grid over blocks x mean-pooled patch tokens (eval/linear.py,
+    chosen there on val; here on the held-out part of train, never on test). Rank 0 returns (scores on test,
+    info, chosen tap, head, the chosen tap's (train x, train y, test x, test y)); the other ranks None after the
+    extractions."""
+    best, by_tap = None, {}
+    for i, (tap, head) in enumerate(taps):
+        (xtr, ytr), (xte, yte), info = train_test_features(ctx, p, tap=tap, splits=splits)
+        if ctx.rank != 0:
+            continue
+        torch.manual_seed(ctx.seed)
+        bank = standardised_bank(xtr, ctx.device, log=ctx.log)
+        search = holdout_search(bank, ytr, p.num_classes, p.l2_grid, p.holdout_fraction, p.max_iter, ctx.seed)
+        by_tap[tap] = {str(k): v for k, v in search.items()}
+        l2 = best_l2(search)
+        if best is None or (search[l2], -i) > best[0]:
+            best = ((search[l2], -i), tap, head, l2, bank, (xtr, ytr, xte, yte), info)
+        del bank
+    if ctx.rank != 0:
+        return None
+    _, tap, head, l2, bank, features, info = best
+    scores = refit(bank, features[1], p.num_classes, l2, p.max_iter)(features[2])
+    info.update(chosen_l2=l2, holdout_top1_by_l2=by_tap[tap], head=head)
+    if len(taps) > 1:
+        info["holdout_top1_by_tap_and_l2"] = by_tap
+    if head == "bn_linear":
+        info["head_note"] = ("BatchNorm1d without affine then Linear (MAE main_linprobe.py): the fast probe "
+                             "standardises every tap with the training mean/std, that BatchNorm over the full batch")
+    return scores, info, tap, head, features
+
+
+def sgd_protocol(p: LinearProtocol, transform=None, head="linear") -> linear_sgd.LinearSgdProtocol:
+    """The SGD probe that `protocol=sgd` trains: the dataset values of `p`, its sgd_* values, the family's input
+    `transform` when given (a ViT's), and a BatchNorm head without affine for the release's 'bn_linear'."""
     shared = {f.name: getattr(p, f.name) for f in dataclasses.fields(FrozenFeatureProtocol)}
+    if transform is not None:
+        shared.update(resize=transform.resize, crop=transform.crop, interpolation=transform.interpolation,
+                      mean=tuple(transform.mean), std=tuple(transform.std))
     return linear_sgd.LinearSgdProtocol(**shared, protocol="byol", epochs=p.sgd_epochs, lr=p.sgd_lr,
                                         train_batch_size=p.sgd_batch_size, momentum=p.sgd_momentum,
                                         nesterov=p.sgd_nesterov, weight_decay=p.sgd_weight_decay,
-                                        schedule=p.sgd_schedule, head_batchnorm=p.sgd_head_batchnorm)
+                                        schedule=p.sgd_schedule,
+                                        head_batchnorm=p.sgd_head_batchnorm or head == "bn_linear")
+
+
+def sgd_probe(ctx, p: LinearProtocol, taps) -> TaskOutput:
+    """protocol=sgd on the release's tap. With several taps (DINOv2) the tap is the fast probe's held-out choice:
+    DINOv2 chooses it with the linear heads it trains, and an SGD probe per tap would cost len(taps) runs."""
+    tap, head = taps[0]
+    choice = {}
+    if len(taps) > 1:
+        fast = fast_probe(ctx, p, taps, read_splits(ctx, p))
+        if ctx.rank == 0:
+            _, info, tap, head, _ = fast
+            choice = {"tap_chosen_by": "fast probe, held-out part of train",
+                      "holdout_top1_by_tap_and_l2": info["holdout_top1_by_tap_and_l2"]}
+        tap, head = distributed.broadcast_object((tap, head))
+    mean, std = input_normalization(ctx, p, {})
+    transform = family_transform(ctx, EvalTransform(p.resize, p.crop, mean, std, p.interpolation))
+    task_name = f"linear_{p.metric_prefix}_sgd"
+    if tap != default_tap(ctx):
+        ctx = dataclasses.replace(ctx, model=tap_module(ctx, tap), checkpoint=TapCheckpoint(ctx.checkpoint, tap))
+        task_name += f"_{tap}"
+    out = linear_sgd.run(ctx, sgd_protocol(p, transform if is_vit(ctx) else None, head), task_name=task_name)
+    out.info.update(tap=tap, head=head, **choice)
+    out.probe["tap"] = tap
+    return out
 
 
 def run(ctx, p: LinearProtocol) -> TaskOutput:
+    taps = linear_taps(ctx)
     if p.protocol == "sgd":
-        return linear_sgd.run(ctx, sgd_protocol(p), task_name=f"linear_{p.metric_prefix}_sgd")
-    (xtr, ytr), (xte, yte), info = train_test_features(ctx, p)
-    if ctx.rank != 0:
-        return TaskOutput({})
+        return sgd_probe(ctx, p, taps)
+    splits = read_splits(ctx, p)
     if p.protocol == "wmse":
+        (xtr, ytr), (xte, yte), info = train_test_features(ctx, p, splits=splits)
+        if ctx.rank != 0:
+            return TaskOutput({})
         clf, history, used = train_linear_wmse(xtr, ytr, p.num_classes, p, ctx.seed, ctx.device)
         with torch.no_grad():
             scores = clf(xte.to(ctx.device)).cpu()
         info.update(history=history, train_rows_used=used)
+        tap = info["tap"]
     else:
-        torch.manual_seed(ctx.seed)
-        predict, best, search = train_linear_fast(xtr, ytr, p.num_classes, p.l2_grid, p.holdout_fraction,
-                                                  p.max_iter, ctx.seed, ctx.device, log=ctx.log)
-        scores = predict(xte)
-        info.update(chosen_l2=best, holdout_top1_by_l2={str(k): v for k, v in search.items()})
+        fast = fast_probe(ctx, p, taps, splits)
+        if ctx.rank != 0:
+            return TaskOutput({})
+        scores, info, tap, _, (xtr, ytr, xte, yte) = fast
     acc = topk_accuracy(scores, yte, (1, 5))
-    artifacts = features_artifact(xtr, ytr, xte, yte) if p.save_features else {}
+    artifacts = features_artifact(xtr, ytr, xte, yte) if p.save_features else {}  # the chosen tap's features
     return TaskOutput({f"{p.metric_prefix}_linear_top1": acc[1], f"{p.metric_prefix}_linear_top5": acc[5]}, info,
-                      artifacts=artifacts, probe={"probe": f"linear:{p.protocol}"})
+                      artifacts=artifacts, probe={"probe": f"linear:{p.protocol}", "tap": tap})
