@@ -1,0 +1,156 @@
+"""The frozen-feature tasks on a ViT (a timm vit_tiny_patch16 at 32 px, built directly): each release's input, tap
+and head, against timm's own forward and a brute-force DINO kNN written out here."""
+import dataclasses
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+
+from datasets.views import IMAGENET_MEAN, IMAGENET_STD
+from tasks.context import RunContext
+from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS, tap_module
+
+
+class TimmVit(torch.nn.Module):
+    """The contract's ViT encoder: `.vit` is timm's VisionTransformer, forward the CLS token after the final norm."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        import timm
+
+        torch.manual_seed(seed)
+        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                     dynamic_img_size=True).eval()
+
+    def forward(self, x):
+        return self.vit.forward_features(x)[:, 0]
+
+
+def vit_context(demo_root, tmp_path, release=None):
+    info = types.SimpleNamespace(family="vit", release=release, vit={"width": 192}, input_normalization=None,
+                                 normalization="imagenet", cache_id=f"test-vit-tiny-{release}", sha256=None,
+                                 path=f"test-vit-tiny-{release}")
+    return RunContext(TimmVit(), info, "vit_tiny_patch16_224", demo_root, torch.device("cpu"), 0, True, tmp_path)
+
+
+STL10 = {**DATASET_PRESETS["stl10"], **DEMO_PRESETS["stl10"], "resize": 36, "crop": 32, "workers": 0}
+
+
+class STL10Files(torchvision.datasets.STL10):
+    def _check_integrity(self):  # the demo files are not the release's
+        return True
+
+
+def timm_features(vit, root, split, fn):
+    """Resize(37 = 32 x 256 / 224, bicubic), CenterCrop(32), ImageNet mean/std: the ViT eval input at the demo's
+    crop; `fn(vit, x)` the feature, from timm's own forward."""
+    t = T.Compose([T.Resize(37, T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                   T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    data = STL10Files(str(root / "stl10"), split=split, transform=t, download=False)
+    xs, ys = [], []
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(data, batch_size=100):
+            xs.append(fn(vit, x))
+            ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def cls(vit, x):
+    return vit.forward_features(x)[:, 0]
+
+
+def last_blocks(vit, x, n, patchmean):
+    """DINO / DINOv2's linear inputs from timm's get_intermediate_layers (each block's output through the norm)."""
+    layers = vit.get_intermediate_layers(x, n=n, return_prefix_tokens=True, norm=True)
+    parts = [prefix[:, 0] for _, prefix in layers]
+    return torch.cat(parts + ([layers[-1][0].mean(1)] if patchmean else []), 1)
+
+
+REFERENCE_TAPS = {"cls": cls, "cls_last4": lambda v, x: last_blocks(v, x, 4, False),
+                  "cls+patchmean": lambda v, x: last_blocks(v, x, 1, True),
+                  "cls_last4+patchmean": lambda v, x: last_blocks(v, x, 4, True)}
+
+
+@pytest.mark.parametrize("tap", list(REFERENCE_TAPS))
+def test_taps_are_timms_intermediate_layers(demo_root, tmp_path, tap):
+    ctx = vit_context(demo_root, tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tap_module(ctx, tap)(x), REFERENCE_TAPS[tap](ctx.model.vit, x))
+
+
+def test_vit_knn_is_dinos_knn_on_the_cls_token(demo_root, tmp_path):
+    """DINO eval_knn.py on timm's CLS after the final norm, written out: L2-normalised, cosine, the 20 nearest
+    voting exp(sim / 0.07) per class."""
+    from tasks.knn import KnnProtocol, run
+
+    ctx = vit_context(demo_root, tmp_path)
+    out = run(ctx, KnnProtocol(**STL10, k=(5, 20)))
+    assert out.probe == {"probe": "knn:npid", "tap": "cls"}
+    assert out.info["transform"] == ("resize37-bicubic-crop32-mean0.485,0.456,0.406-std0.229,0.224,0.225")
+    xtr, ytr = timm_features(ctx.model.vit, demo_root, "train", cls)
+    xte, yte = timm_features(ctx.model.vit, demo_root, "test", cls)
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    for k in (5, 20):
+        correct = 0
+        for q in range(len(xte)):
+            sims = xtr @ xte[q]
+            top = sims.argsort(descending=True)[:k]
+            votes = torch.zeros(10, dtype=torch.float64)
+            for j in top:
+                votes[ytr[j]] += torch.exp(sims[j].double() / 0.07)
+            correct += int(votes.argmax() == yte[q])
+        assert out.metrics[f"stl10_knn{k}_top1"] == pytest.approx(100 * correct / len(xte)), k
+
+
+def test_dinov2_grid_chooses_tap_and_l2_on_held_out_training_images(demo_root, tmp_path):
+    from tasks.linear import LinearProtocol, best_l2, holdout_search, run, standardised_bank
+
+    ctx = vit_context(demo_root, tmp_path, "dinov2")
+    p = LinearProtocol(**STL10, max_iter=30, l2_grid=(1e-4, 1e-2, 1.0))
+    out = run(ctx, p)
+    table = out.info["holdout_top1_by_tap_and_l2"]
+    assert set(table) == set(REFERENCE_TAPS)
+    # the held-out search recomputed here on timm's features of each tap (training images only)
+    for tap, fn in REFERENCE_TAPS.items():
+        xtr, ytr = timm_features(ctx.model.vit, demo_root, "train", fn)
+        torch.manual_seed(0)
+        search = holdout_search(standardised_bank(xtr), ytr, 10, p.l2_grid, p.holdout_fraction, p.max_iter, 0)
+        for l2, acc in search.items():
+            assert table[tap][str(l2)] == pytest.approx(acc), (tap, l2)
+    best = max(REFERENCE_TAPS, key=lambda t: (max(table[t].values()), -list(REFERENCE_TAPS).index(t)))
+    assert out.probe == {"probe": "linear:fast", "tap": best} and out.info["tap"] == best
+    assert out.info["chosen_l2"] == best_l2({float(k): v for k, v in table[best].items()})
+    assert out.info["feature_dim"] == {"cls": 192, "cls_last4": 768, "cls+patchmean": 384,
+                                       "cls_last4+patchmean": 960}[best]
+
+
+@pytest.mark.parametrize("release, tap, head", [("mae", "cls", "bn_linear"), ("dino", "cls_last4", "linear"),
+                                                (None, "cls", "linear")])
+def test_release_tap_and_head_for_fast_and_sgd_probes(demo_root, tmp_path, monkeypatch, release, tap, head):
+    from tasks import linear_sgd
+    from tasks.linear import LinearProtocol, run
+
+    trained = []
+    real = linear_sgd.run
+    monkeypatch.setattr(linear_sgd, "run", lambda ctx, sp, **kw: trained.append((ctx, sp)) or real(ctx, sp, **kw))
+
+    ctx = vit_context(demo_root, tmp_path, release)
+    p = LinearProtocol(**STL10, max_iter=20, l2_grid=(1e-2,), sgd_epochs=1, sgd_batch_size=100)
+    fast = run(ctx, p)
+    assert fast.probe["tap"] == tap and fast.info["head"] == head and fast.info["tap"] == tap
+    sgd = run(ctx, dataclasses.replace(p, protocol="sgd"))
+    assert sgd.probe["tap"] == tap and sgd.info["head"] == head
+    assert sgd.info["feature_dim"] == {"cls": 192, "cls_last4": 768}[tap]
+    assert sgd.info["test_transform"].startswith("resize37-bicubic-crop32-mean0.485")
+    [(sgd_ctx, sp)] = trained
+    # MAE main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6) before the linear layer; the others a plain one
+    assert sp.head_batchnorm == (head == "bn_linear") and sp.head_batchnorm_eps == 1e-6
+    assert (sp.crop, sp.interpolation, tuple(sp.mean)) == (32, "bicubic", IMAGENET_MEAN)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the encoder the SGD probe trains on is the tap's
+        torch.testing.assert_close(sgd_ctx.model(x), REFERENCE_TAPS[tap](ctx.model.vit, x))
+    assert (tap == "cls") == (sgd_ctx.checkpoint.cache_id == ctx.checkpoint.cache_id)
