@@ -154,3 +154,27 @@ def test_release_tap_and_head_for_fast_and_sgd_probes(demo_root, tmp_path, monke
     with torch.no_grad():  # the encoder the SGD probe trains on is the tap's
         torch.testing.assert_close(sgd_ctx.model(x), REFERENCE_TAPS[tap](ctx.model.vit, x))
     assert (tap == "cls") == (sgd_ctx.checkpoint.cache_id == ctx.checkpoint.cache_id)
+
+
+def test_voc07_svm_on_a_vit_uses_its_cls_token_and_input(demo_root, tmp_path):
+    """Goyal's res5 map is a ResNet's: a ViT's VOC07 SVMs read the CLS token after the final norm, on the ViT input
+    (Resize(256, bicubic), CenterCrop(224)), and the features are timm's."""
+    import numpy as np
+    from PIL import Image
+
+    from datasets.voc import read_voc_classification
+    from tasks.voc07_svm import Voc07SvmProtocol, run
+
+    ctx = vit_context(demo_root, tmp_path)
+    out = run(ctx, Voc07SvmProtocol(costs=(0.1, 1.0), workers=0, save_features=True))
+    assert out.probe["tap"] == "cls" and out.info["feature_dim"] == 192
+    assert out.info["transform"] == "resize256-bicubic-crop224-mean0.485,0.456,0.406-std0.229,0.224,0.225"
+    split = read_voc_classification(demo_root / "VOCdevkit", 2007, "test")
+    t = T.Compose([T.Resize(256, T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                   T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x = torch.stack([t(Image.open(split.paths[i]).convert("RGB")) for i in range(4)])
+    with torch.no_grad():
+        ref = F.normalize(cls(ctx.model.vit, x), dim=1).double().numpy()
+    path = tmp_path / "features.npz"
+    out.artifacts["features.npz"](path)
+    np.testing.assert_allclose(np.load(path)["test_x"][:4], ref, rtol=1e-4, atol=1e-5)
