@@ -153,18 +153,19 @@ class FeatureBank:
         return torch.cat(out)
 
 
-def fit_logistic_regression(x, y, num_classes, l2, max_iter=500, rows=None):
-    """Minimise mean cross-entropy + (l2 / 2) * ||W||^2 (bias unpenalised) over the `rows` of `x` (a FeatureBank or
-    a tensor; `rows` a boolean mask, all rows by default); returns (W (D, C), b (C,))."""
+def fit_logistic_regression(x, y, num_classes, l2, max_iter=500, rows=None, bias=True):
+    """Minimise mean cross-entropy + (l2 / 2) * ||W||^2 (bias unpenalised; none when `bias` is False) over the
+    `rows` of `x` (a FeatureBank or a tensor; `rows` a boolean mask, all rows by default); returns (W (D, C),
+    b (C,))."""
     bank = x if isinstance(x, FeatureBank) else FeatureBank(x, x.device)
     device, dtype = bank.device, bank.dtype
     y = y.to(device)
     weight = torch.ones(len(bank), dtype=dtype, device=device) if rows is None else rows.to(device, dtype)
     weight = weight / weight.sum()
     w = torch.zeros(bank.shape[1], num_classes, dtype=dtype, device=device, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=bias)
     # Solver numerics (not protocol): tolerances tight enough that max_iter decides when to stop.
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+    opt = torch.optim.LBFGS([w, b] if bias else [w], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
@@ -200,12 +201,12 @@ def standardised_bank(xtr, device="cpu", block_rows=None, log=print) -> FeatureB
     return FeatureBank(xtr, device, xtr.mean(0), xtr.std(0).clamp_min(1e-6), block_rows, log)
 
 
-def holdout_search(bank: FeatureBank, ytr, num_classes, grid, holdout_fraction, max_iter, seed) -> dict:
+def holdout_search(bank: FeatureBank, ytr, num_classes, grid, holdout_fraction, max_iter, seed, bias=True) -> dict:
     """{L2 strength: top-1 on a stratified held-out part of the training set, fitted on the rest}."""
     held = torch.from_numpy(stratified_holdout(ytr.numpy(), holdout_fraction, seed))
     search = {}
     for l2 in grid:
-        w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter, rows=~held)
+        w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter, rows=~held, bias=bias)
         search[l2] = topk_accuracy(bank.logits(w, b, held.to(bank.device)), ytr[held], (1,))[1]
     return search
 
@@ -214,9 +215,9 @@ def best_l2(search: dict) -> float:
     return max(search, key=lambda l2: (search[l2], l2))  # ties go to the stronger regulariser
 
 
-def refit(bank: FeatureBank, ytr, num_classes, l2, max_iter):
+def refit(bank: FeatureBank, ytr, num_classes, l2, max_iter, bias=True):
     """The classifier fitted on every training row; returns predict(x) -> logits on the CPU."""
-    w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter)
+    w, b = fit_logistic_regression(bank, ytr, num_classes, l2, max_iter, bias=bias)
     return lambda x: FeatureBank(x, bank.device, bank.mean, bank.std, bank.block_rows).logits(w, b)
 
 
@@ -324,3 +325,37 @@ def run(ctx, p: LinearProtocol) -> TaskOutput:
     artifacts = features_artifact(xtr, ytr, xte, yte) if p.save_features else {}  # the chosen tap's features
     return TaskOutput({f"{p.metric_prefix}_linear_top1": acc[1], f"{p.metric_prefix}_linear_top5": acc[5]}, info,
                       artifacts=artifacts, probe={"probe": f"linear:{p.protocol}", "tap": tap})
+
+
+# ---- semi-supervised subsets, frozen ViT features ----------------------------------------------------------
+IBOT_LOGREG = ("iBOT evaluation/eval_logistic_regression.py (MSN's protocol): the CLS token after the final norm "
+               "(n_last_blocks 1, avgpool 0), L2-normalised, multiclass logistic regression with an L2 penalty and no "
+               "intercept (cyanure, fit_intercept=False)")
+
+
+@dataclass(frozen=True)
+class SubsetLogisticRegression:
+    """The 1% / 10% evaluation of a frozen ViT by logistic regression on its features (iBOT, MSN)."""
+
+    lambdas: tuple[float, ...] = setting((0.01, 0.1, 1.0), IBOT_LOGREG + ": --lr_lambd 0.01 0.1 1 (iBOT reports each "
+                                                          "on val; here one is chosen on held-out training images)")
+    holdout_fraction: float = setting(0.2, "share of each class of the subset held out to choose the L2 strength")
+    max_iter: int = setting(500, "L-BFGS iterations on the same objective as cyanure's (mean loss + lambda / 2 ||W||^2)")
+
+
+def subset_logistic_regression(ctx, p: FrozenFeatureProtocol, train, test, lr: SubsetLogisticRegression = None):
+    """Top-1/top-5 on `test` of the logistic regression on the frozen features of the `train` subset (SimCLR's
+    1% / 10% lists), its L2 strength chosen on held-out images of the subset. Returns (accuracy {1, 5}, info);
+    (None, info) on ranks other than 0. For tasks/semisup.py's frozen ViT protocol."""
+    lr = lr or SubsetLogisticRegression()
+    (xtr, ytr), (xte, yte), info = train_test_features(ctx, p, splits={"train": train, "test": test})
+    if ctx.rank != 0:
+        return None, info
+    bank = FeatureBank(F.normalize(xtr, dim=1), ctx.device, log=ctx.log)
+    search = holdout_search(bank, ytr, p.num_classes, lr.lambdas, lr.holdout_fraction, lr.max_iter, ctx.seed,
+                            bias=False)
+    best = best_l2(search)
+    predict = refit(bank, ytr, p.num_classes, best, lr.max_iter, bias=False)
+    info.update(chosen_lambda=best, holdout_top1_by_lambda={str(k): v for k, v in search.items()},
+                classifier="logistic regression on L2-normalised frozen features, no intercept (iBOT / MSN)")
+    return topk_accuracy(predict(F.normalize(xte, dim=1)), yte, (1, 5)), info

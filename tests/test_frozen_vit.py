@@ -178,3 +178,49 @@ def test_voc07_svm_on_a_vit_uses_its_cls_token_and_input(demo_root, tmp_path):
     path = tmp_path / "features.npz"
     out.artifacts["features.npz"](path)
     np.testing.assert_allclose(np.load(path)["test_x"][:4], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_subset_logistic_regression_is_sklearns_on_l2_normalised_cls(demo_root, tmp_path):
+    """1% subset: iBOT's logistic regression (L2-normalised CLS, L2 penalty, no intercept) against scikit-learn's
+    LogisticRegression on timm's features, the L2 strength chosen on held-out subset images by sklearn too."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+
+    from datasets.catalog import SUBDIRS, read_classification
+    from datasets.imagenet import read_simclr_subset
+    from tasks.frozen import FrozenFeatureProtocol
+    from tasks.linear import SubsetLogisticRegression, stratified_holdout, subset_logistic_regression
+
+    ctx = vit_context(demo_root, tmp_path)
+    p = FrozenFeatureProtocol(**{**DATASET_PRESETS["imagenet"], **DEMO_PRESETS["imagenet"], "resize": 36, "crop": 32,
+                                 "workers": 0})
+    train = read_simclr_subset(demo_root / SUBDIRS["imagenet"], demo_root / SUBDIRS["imagenet_subsets"] /
+                               "1percent.txt", num_classes=12)
+    test = read_classification(demo_root, "imagenet", "val", 12, None)
+    lr = SubsetLogisticRegression()
+    acc, info = subset_logistic_regression(ctx, p, train, test, lr)
+
+    t = T.Compose([T.Resize(37, T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                   T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def feats(split):
+        with torch.no_grad():
+            x = torch.stack([t(Image.open(f).convert("RGB")) for f in split.paths])
+            return F.normalize(cls(ctx.model.vit, x), dim=1).double().numpy(), np.asarray(split.labels)
+
+    (xtr, ytr), (xte, yte) = feats(train), feats(test)
+
+    def sklearn_fit(x, y, lam):  # cyanure's objective mean loss + lam / 2 ||W||^2 is sklearn's at C = 1 / (n lam)
+        return LogisticRegression(C=1 / (len(x) * lam), fit_intercept=False, tol=1e-10, max_iter=10000).fit(x, y)
+
+    held = stratified_holdout(ytr, lr.holdout_fraction, seed=0)
+    search = {lam: 100 * (sklearn_fit(xtr[~held], ytr[~held], lam).predict(xtr[held]) == ytr[held]).mean()
+              for lam in lr.lambdas}
+    assert info["holdout_top1_by_lambda"] == pytest.approx({str(k): v for k, v in search.items()})
+    chosen = max(lr.lambdas, key=lambda lam: (search[lam], lam))
+    assert info["chosen_lambda"] == chosen and info["tap"] == "cls"
+    ref = sklearn_fit(xtr, ytr, chosen)
+    assert acc[1] == pytest.approx(100 * (ref.predict(xte) == yte).mean())
+    top5 = np.argsort(-ref.decision_function(xte), 1)[:, :5]
+    assert acc[5] == pytest.approx(100 * (top5 == yte[:, None]).any(1).mean())
