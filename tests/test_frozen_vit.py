@@ -17,23 +17,35 @@ from tasks.frozen import DATASET_PRESETS, DEMO_PRESETS, tap_module
 class TimmVit(torch.nn.Module):
     """The contract's ViT encoder: `.vit` is timm's VisionTransformer, forward the CLS token after the final norm."""
 
-    def __init__(self, seed=0):
+    def __init__(self, vit):
         super().__init__()
-        import timm
-
-        torch.manual_seed(seed)
-        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                                     dynamic_img_size=True).eval()
+        self.vit = vit
 
     def forward(self, x):
         return self.vit.forward_features(x)[:, 0]
+
+
+def tiny_vit(seed=0):
+    """timm's vit_tiny_patch16 for 32 px inputs (a 2 x 2 grid of patches), as the family's encoder when
+    backbones.vit is there (its ViTEncoder at the table's own grid: no position-embedding resize), else wrapped."""
+    import timm
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                            dynamic_img_size=True).eval()
+    try:
+        from backbones.vit import ViTEncoder
+    except ImportError:
+        return TimmVit(vit)
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    return ViTEncoder(vit, vit.pos_embed.detach().clone(), prefix, tuple(vit.patch_embed.grid_size), "timm").eval()
 
 
 def vit_context(demo_root, tmp_path, release=None):
     info = types.SimpleNamespace(family="vit", release=release, vit={"width": 192}, input_normalization=None,
                                  normalization="imagenet", cache_id=f"test-vit-tiny-{release}", sha256=None,
                                  path=f"test-vit-tiny-{release}")
-    return RunContext(TimmVit(), info, "vit_tiny_patch16_224", demo_root, torch.device("cpu"), 0, True, tmp_path)
+    return RunContext(tiny_vit(), info, "vit_tiny_patch16_224", demo_root, torch.device("cpu"), 0, True, tmp_path)
 
 
 STL10 = {**DATASET_PRESETS["stl10"], **DEMO_PRESETS["stl10"], "resize": 36, "crop": 32, "workers": 0}
