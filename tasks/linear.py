@@ -340,7 +340,8 @@ class SubsetLogisticRegression:
     lambdas: tuple[float, ...] = setting((0.01, 0.1, 1.0), IBOT_LOGREG + ": --lr_lambd 0.01 0.1 1 (iBOT reports each "
                                                           "on val; here one is chosen on held-out training images)")
     holdout_fraction: float = setting(0.2, "share of each class of the subset held out to choose the L2 strength")
-    max_iter: int = setting(500, "L-BFGS iterations on the same objective as cyanure's (mean loss + lambda / 2 ||W||^2)")
+    max_iter: int = setting(500, "L-BFGS iterations on the objective of cyanure's (mean loss + lambda / 2 "
+                                 "||W||^2)")
 
 
 def subset_logistic_regression(ctx, p: FrozenFeatureProtocol, train, test, lr: SubsetLogisticRegression = None):

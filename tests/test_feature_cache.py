@@ -162,7 +162,8 @@ def test_cache_key_holds_the_precision_and_every_setting_that_changes_features(t
     others = [feature_cache_key("ckpt", "arch", "fp", t, "pool", "bfloat16"),
               feature_cache_key("ckpt", "arch", "fp", t, "cls_last4", "float32"),
               feature_cache_key("ckpt", "arch", "fp", EvalTransform(36, 32, (0.5,) * 3, (0.2,) * 3), "pool", "float32"),
-              feature_cache_key("ckpt", "arch", "fp", EvalTransform(40, 32, (0.5,) * 3, (0.25,) * 3), "pool", "float32"),
+              feature_cache_key("ckpt", "arch", "fp", EvalTransform(40, 32, (0.5,) * 3, (0.25,) * 3), "pool",
+                                "float32"),
               feature_cache_key("ckpt", "arch", "fp", EvalTransform(36, 32, (0.5,) * 3, (0.25,) * 3, "bicubic"),
                                 "pool", "float32")]
     assert len({base, *others}) == 6

@@ -8,10 +8,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
-import pytest
 import torch
 
 from core.files import REPO_ROOT
