@@ -93,13 +93,24 @@ def rank_process(rank, store, cache, demo_root, views, results):
         return None if view == "none" else real(Path(cache) / f"{view}.pt", log)
 
     features.read_cache = this_ranks_view
+    write = features.atomic_torch_save
+
+    def slow_entry_write(obj, path):  # rank 0 writes the joined entry late: the others must wait for it
+        if ".part" not in Path(path).name:
+            time.sleep(1.0)
+        write(obj, path)
+
+    features.atomic_torch_save = slow_entry_write
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
     lines = []
     x, y, info = extract(stl10_test_split(Path(demo_root)), rank, 2, log=lines.append)
+    # released only once the entry is whole on disk (a rank that goes on may read it at once)
+    entry_ready = real(Path(cache) / "features" / f"{info['cache_key']}.pt", lines.append) is not None
     dist.destroy_process_group()
     # numpy arrays travel by value (a tensor would be shared memory that dies with this process)
-    results.put((rank, info["cache"], None if x is None else x.numpy(), None if y is None else y.numpy(), lines))
+    results.put((rank, info["cache"], None if x is None else x.numpy(), None if y is None else y.numpy(),
+                 lines + ([] if entry_ready else ["entry not ready"])))
 
 
 @pytest.mark.parametrize("views", [("none", "good"), ("good", "none"), ("damaged", "good"), ("good", "damaged")],
@@ -145,6 +156,7 @@ def test_rank_0_decides_for_every_rank(tmp_path, monkeypatch, demo_root, views):
     assert torch.equal(torch.from_numpy(got[0][1]), reference) and torch.equal(torch.from_numpy(got[0][2]), labels)
     assert got[1][1] is None
     assert sum("unreadable" in line for r in got for line in got[r][3]) == (views[0] == "damaged")
+    assert not any("entry not ready" in line for r in got for line in got[r][3])
     assert [p.name for p in (cache / "features").iterdir()] == [entry.name]  # no shard left behind
     again, _, info = extract(split)
     assert info["cache"] == "hit" and torch.equal(again, reference)
