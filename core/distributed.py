@@ -97,3 +97,12 @@ def barrier() -> None:
 def shutdown() -> None:
     if initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every process (`obj` itself in a single process)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backbones.features import encoder_autocast
 from backbones.heads import find_projector
+from core.cli import UserError
+from core.loading import loader_options, resolve_workers
 from core.progress import progress
 from core.settings import setting
 from datasets.catalog import IN100_CLASSES, IN100_DEMO_CLASSES, read_classification
-from datasets.decode import SquareImages
+from datasets.decode import SquareImages, collate_readable
 from datasets.views import IMAGENET_MEAN, IMAGENET_STD, ViewAugment, augment_view
 from tasks.context import TaskOutput
 from tasks.metrics import alignment, uniformity
@@ -38,6 +41,8 @@ class AlignUniformProtocol:
     alpha: float = setting(2.0, "Wang & Isola (2020), alignment exponent α = 2")
     t: float = setting(2.0, "Wang & Isola (2020), uniformity temperature t = 2")
     batch_size: int = setting(128, "runtime setting; does not change results")
+    workers: int = setting(2, "runtime setting (image-decoding processes; 'auto' or -1: the machine's cores, "
+                              "core.loading); does not change results")
     max_images: int = setting(10000, "uniformity is O(n²): at most this many images (the first n of the split)")
     space: str = setting("projector", "Wang & Isola: the L2-normalised output embedding (SsnL/align_uniform "
                                       "examples/stl10); backbone: pooled backbone features",
@@ -65,12 +70,19 @@ def run(ctx, p: AlignUniformProtocol) -> TaskOutput:
         else:
             ctx.log(f"  no projector ({where}): alignment and uniformity of the pooled backbone features")
     model = model.to(ctx.device).eval()
+    # images decoded in loader processes, in order; the views are cut here from one generator, as before
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(n)), batch_size=p.batch_size,
+                                         shuffle=False, collate_fn=collate_readable,
+                                         **loader_options(ctx.device, resolve_workers(p.workers, ctx.world),
+                                                          reused=False))
     views = ([], [])
-    for start in progress(range(0, n, p.batch_size), "align/uniform", unit="batch"):
-        batch = images.batch(range(start, min(n, start + p.batch_size)))
+    for batch, _, bad in progress(loader, "align/uniform", unit="batch"):
+        if bad:
+            raise UserError(f"cannot read image {images.describe(bad[0])}; fix or remove it")
         for v in views:
-            x = augment_view(batch, aug, g, mean, std).to(ctx.device)
-            v.append(F.normalize(model(x).float().flatten(1), dim=1).cpu())
+            x = augment_view(batch, aug, g, mean, std).to(ctx.device, non_blocking=True)
+            with encoder_autocast(ctx.device):
+                v.append(F.normalize(model(x).float().flatten(1), dim=1).cpu())
     x, y = torch.cat(views[0]), torch.cat(views[1])
     metrics = {"alignment": alignment(x, y, p.alpha), "uniformity": (uniformity(x, p.t) + uniformity(y, p.t)) / 2}
     info.update(test_size=n, feature_dim=x.shape[1], space=space)

@@ -1,8 +1,10 @@
-"""What every frozen-feature classification task shares: which images, which transform, which features."""
+"""What every frozen-feature classification task shares: which images, which transform, which features (the
+encoder family's input and feature taps: `backbones.families`)."""
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch.nn as nn
 
 from backbones.features import extract_features
 from core.cli import UserError
@@ -28,7 +30,7 @@ DATASET_PRESETS = {
                       metric_prefix="places205"),
     "inat18": dict(dataset="inat18", train_split="train", test_split="val", num_classes=8142, metric_prefix="inat18"),
 }
-# Demo datasets (tasks/datasets/*.write_demo) are smaller; ImageNet demo images are 64 px.
+# Demo datasets (datasets/*.py write_demo) are smaller; ImageNet demo images are 64 px.
 DEMO_PRESETS = {
     "imagenet": dict(num_classes=12, resize=64, crop=64),
     "imagenet100": dict(num_classes=6, class_list=IN100_DEMO_CLASSES, resize=64, crop=64),
@@ -79,21 +81,25 @@ def input_normalization(ctx, p: FrozenFeatureProtocol, info: dict):
     return tuple(p.mean), tuple(p.std)
 
 
-def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
-    """Read both splits, check them before any extraction, return their features. Under torchrun every
+def train_test_features(ctx, p: FrozenFeatureProtocol, check=None, tap=None, splits=None):
+    """Read both splits (unless given), check them before any extraction, return their features at `tap` (None:
+    the family's default: ResNet 'avgpool', ViT 'cls') through the family's input transform. Under torchrun every
     process extracts its shard and rank 0 alone gets the features (the others get (None, None) pairs)."""
-    splits = read_splits(ctx, p, check)
-    out, info = {}, {"feature_cache": {}}
+    splits = splits or read_splits(ctx, p, check)
+    tap = tap or default_tap(ctx)
+    out, info = {}, {"feature_cache": {}, "tap": tap}
     mean, std = input_normalization(ctx, p, info)
-    transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
+    transform = family_transform(ctx, EvalTransform(p.resize, p.crop, mean, std, p.interpolation))
     info["transform"] = transform.describe()
+    model, layer = tap_module(ctx, tap), ("pool" if tap == "avgpool" else tap)
     for name, data in splits.items():
         feats, labels, extra = extract_features(
-            ctx.model, ctx.checkpoint.cache_id, ctx.arch, data, transform, device=ctx.device,
+            model, ctx.checkpoint.cache_id, ctx.arch, data, transform, device=ctx.device,
             batch_size=p.batch_size, num_workers=p.workers, skip_bad_images=p.skip_bad_images, log=ctx.log,
-            rank=ctx.rank, world=ctx.world)
+            rank=ctx.rank, world=ctx.world, layer=layer)
         out[name] = (feats, labels)
         info["feature_cache"][name] = extra["cache"]
+        info["precision"] = extra["precision"]
         if feats is None:
             continue
         info[f"{name}_size"] = len(labels)
@@ -104,6 +110,127 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None):
     info["feature_dim"] = out["train"][0].shape[1]
     info["processes"] = ctx.world
     return out["train"], out["test"], info
+
+
+# ---- encoder families -------------------------------------------------------------------------------------
+# backbones.families (the family contract) says which input a family expects, which taps it offers and which
+# tap its releasing project's linear evaluation reads. Until that module is present, ResNets run as they always
+# did and a ViT (a module whose `.vit` is a timm VisionTransformer, on a checkpoint with family 'vit') gets the
+# contract's values from the fallbacks at the end of this file.
+try:
+    from backbones import families
+except ImportError:  # a tree without the family seam
+    families = None
+
+
+def is_vit(ctx) -> bool:
+    return getattr(ctx.checkpoint, "family", "resnet") == "vit"
+
+
+def default_tap(ctx) -> str:
+    """ResNet: the global average pool; ViT: the CLS token after the final norm (DINO / DINOv2 kNN feature)."""
+    return "cls" if is_vit(ctx) else "avgpool"
+
+
+def family_transform(ctx, task_transform: EvalTransform) -> EvalTransform:
+    """The task's transform for a ResNet; a ViT's own input (Resize(256, bicubic), CenterCrop(224), ImageNet
+    mean/std on every dataset; under --demo the task's smaller crop at the same ratio)."""
+    if not is_vit(ctx):
+        return task_transform
+    if families is not None:
+        try:
+            return families.eval_transform(ctx.checkpoint, task_transform, ctx.demo)
+        except TypeError:  # the contract's one-argument form
+            return families.eval_transform(ctx.checkpoint)
+    return _vit_eval_transform(ctx, task_transform)
+
+
+def tap_module(ctx, tap: str) -> nn.Module:
+    """A module whose forward gives the (N, D) features of `tap`."""
+    if families is not None:
+        return families.tap_model(ctx.model, tap)
+    if not is_vit(ctx):
+        if tap != "avgpool":
+            raise UserError(f"a ResNet offers the feature tap 'avgpool', not {tap!r}")
+        return ctx.model
+    return _VitTap(ctx.model.vit, tap)
+
+
+def linear_taps(ctx) -> list:
+    """[(tap, head)] of the releasing project's linear evaluation; head 'linear' or 'bn_linear'."""
+    if families is not None:
+        return families.linear_protocol(ctx.checkpoint)
+    return _vit_linear_protocol(ctx.checkpoint) if is_vit(ctx) else [("avgpool", "linear")]
+
+
+class TapCheckpoint:
+    """The run's checkpoint seen through one tap: the cache id names the tap, so that a task that caches the
+    encoder's output (classifier_training's test features) never reads another tap's features."""
+
+    def __init__(self, checkpoint, tap):
+        self._checkpoint, self._tap = checkpoint, tap
+
+    def __getattr__(self, name):
+        return getattr(self._checkpoint, name)
+
+    @property
+    def cache_id(self):
+        return f"{self._checkpoint.cache_id}|tap={self._tap}"
+
+
+# Fallbacks of the family contract (used only without backbones.families): the values of /work's contract,
+# each from its source.
+VIT_INPUT = ("Resize(256, bicubic), CenterCrop(224), ImageNet mean/std (DINO eval_knn.py / eval_linear.py, DINOv2 "
+             "make_classification_eval_transform, MAE main_linprobe.py)")
+
+
+def _vit_eval_transform(ctx, task_transform):
+    crop = (task_transform.crop or task_transform.square) if ctx.demo else 224  # demo images are 64 px
+    mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
+    return EvalTransform(round(crop * 256 / 224), crop, tuple(mean), tuple(std), "bicubic")
+
+
+def _vit_linear_protocol(info):
+    release, width = getattr(info, "release", None), (getattr(info, "vit", None) or {}).get("width")
+    if release in ("dino", "ibot"):  # DINO eval_linear.py: n_last_blocks 4 for ViT-S; 1 + avgpool for ViT-B
+        return [("cls_last4", "linear")] if width is not None and width < 768 else [("cls+patchmean", "linear")]
+    if release == "mae":  # MAE main_linprobe.py: CLS, BatchNorm1d(affine=False, eps=1e-6), Linear
+        return [("cls", "bn_linear")]
+    if release == "dinov2":  # DINOv2 eval/linear.py: n_last_blocks {1, 4} x avgpool {False, True}
+        return [("cls", "linear"), ("cls+patchmean", "linear"), ("cls_last4", "linear"),
+                ("cls_last4+patchmean", "linear")]
+    return [("cls", "linear")]  # MoCo v3 main_lincls.py, and unknown ViTs: the CLS token after the final norm
+
+
+class _VitTap(nn.Module):
+    """A timm VisionTransformer's features at one tap: 'cls' (CLS after the final norm), 'cls_last4' (the CLS of
+    each of the last 4 blocks through the final norm, concatenated: DINO's n_last_blocks=4), 'cls+patchmean' (CLS
+    and the mean patch token of the last block after the norm: DINO's avgpool_patchtokens), 'cls_last4+patchmean'
+    (DINOv2's create_linear_input with 4 blocks and avgpool)."""
+
+    TAPS = ("cls", "cls_last4", "cls+patchmean", "cls_last4+patchmean")
+
+    def __init__(self, vit, tap):
+        super().__init__()
+        if tap not in self.TAPS:
+            raise UserError(f"unknown ViT feature tap {tap!r}; one of {', '.join(self.TAPS)}")
+        self.vit, self.tap = vit, tap
+
+    def forward(self, x):
+        import torch
+
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        last = 4 if self.tap.startswith("cls_last4") else 1
+        normed = []
+        for i, block in enumerate(v.blocks):
+            x = block(x)
+            if i >= len(v.blocks) - last:
+                normed.append(v.norm(x))
+        parts = [t[:, 0] for t in normed]
+        if self.tap.endswith("patchmean"):
+            parts.append(normed[-1][:, v.num_prefix_tokens:].mean(1))
+        return torch.cat(parts, 1)
 
 
 def features_artifact(train_x, train_y, test_x, test_y):

@@ -6,6 +6,9 @@
 - `wmse` (Table 1, whose ResNet-18 rows are W-MSE's numbers; htdt/self-supervised eval/knn.py): Euclidean
   distance on the unnormalised pooled features, a plain majority vote of the k = 5 nearest, ties to the
   smallest class index (`unique(return_counts)` then `argmax` there); top-1 only, as W-MSE reports.
+
+A ViT gets DINO's kNN (eval_knn.py; DINOv2 the same): its own input (backbones.families), the CLS token after the
+final norm, L2-normalised, votes exp(sim / 0.07); k = 20 is among the suite's k.
 """
 from dataclasses import dataclass
 
@@ -31,11 +34,14 @@ class KnnProtocol(FrozenFeatureProtocol):
     protocol: str = setting("npid", "npid: weighted cosine kNN (paper §8.3, Table 4); wmse: W-MSE's Euclidean "
                                     "majority vote (Table 1)", choices=PROTOCOLS)
     k: tuple[int, ...] = setting((5, 20, 200), "paper §8.3: 20/200-NN on ImageNet, 5-NN on ImageNet-100 and STL-10; "
-                                              "all three reported together")
-    temperature: float = setting(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07)")
+                                              "all three reported together (20: the k DINO / DINOv2 report for ViTs)")
+    temperature: float = setting(0.07, "paper §8.3 / NPID (Wu et al. 2018): votes weighted by exp(sim / 0.07); "
+                                       "DINO eval_knn.py's T for ViTs is the same 0.07")
     query_chunk: int = setting(4096, "runtime setting (queries searched per call); does not change results")
-    bank_dtype: str = setting("float32", "float32: exact; float16: the bank stored in half precision (FAISS fp16 "
-                                       "scalar quantizer), so that an ImageNet bank (1.28M x 2048) fits in 24 GB")
+    bank_dtype: str = setting("float32", "float32: exact; float16: the bank held in half precision (half the "
+                                       "memory: an ImageNet bank of 1.28M x 2048 in 5 GB), searched exactly "
+                                       "block by block (CPU: each block widened to float32 for FAISS's exhaustive "
+                                       "inner-product search; GPU: float16 products accumulated in float32)")
 
 
 def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int, device="cpu",
@@ -134,4 +140,4 @@ def run(ctx, p: KnnProtocol) -> TaskOutput:
             metrics[f"{p.metric_prefix}_knn{k}_top5"] = acc[5]
         info["distance"] = f"cosine, L2-normalised features, votes exp(sim / {p.temperature})"
     artifacts = features_artifact(xtr, ytr, xte, yte) if p.save_features else {}
-    return TaskOutput(metrics, info, artifacts=artifacts, probe={"probe": f"knn:{p.protocol}"})
+    return TaskOutput(metrics, info, artifacts=artifacts, probe={"probe": f"knn:{p.protocol}", "tap": info["tap"]})

@@ -25,7 +25,7 @@ from datasets.catalog import SUBDIRS
 from datasets.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from datasets.voc import read_voc_classification
 from tasks.context import TaskOutput
-from tasks.frozen import features_artifact
+from tasks.frozen import default_tap, family_transform, features_artifact, is_vit, tap_module
 from tasks.metrics import voc_ap
 from tasks.svm_solver import SharedFeatures, fit_linear_svms
 
@@ -167,16 +167,21 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
     splits = {name: read_voc_classification(devkit, 2007, getattr(p, f"{name}_split")) for name in ("train", "test")}
     mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
     transform = EvalTransform(p.resize, 0, tuple(mean), tuple(std), square=p.square)
-    model, layer = ctx.model, "pool"
-    if p.feature == "res5":
+    model, layer, tap = ctx.model, "pool", "avgpool"
+    if is_vit(ctx):
+        # Goyal's res5 map is a ResNet's: a ViT gives its CLS token after the final norm, on its own input
+        transform, tap = family_transform(ctx, transform), default_tap(ctx)
+        model, layer = tap_module(ctx, tap), tap
+    elif p.feature == "res5":
         model = PooledTrunk(ctx.model, p.pool_kernel, p.pool_stride)
-        layer = f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
-    feats = {}
+        layer = tap = f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
+    feats, precision = {}, None
     for name, data in splits.items():
         x, _, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, data, transform,
                                        device=ctx.device, batch_size=p.batch_size, num_workers=p.workers,
                                        skip_bad_images=p.skip_bad_images, log=ctx.log, rank=ctx.rank,
                                        world=ctx.world, layer=layer)
+        precision = extra["precision"]
         if x is not None:
             feats[name] = (F.normalize(x, dim=1).numpy().astype(np.float64),
                            data.notes["targets"][extra["index"].numpy()])
@@ -188,7 +193,7 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
         raise UserError("no VOC class has positives in both trainval and test")
     info = {"train_size": len(xtr), "test_size": len(xte), "feature_dim": xtr.shape[1], "feature_layer": layer,
             "ap_by_class": aps, "chosen_cost": chosen, "classes_without_positives": skipped,
-            "transform": transform.describe(), "processes": ctx.world}
+            "transform": transform.describe(), "processes": ctx.world, "precision": precision}
     artifacts = features_artifact(xtr, ttr, xte, tte) if p.save_features else {}
     return TaskOutput({"voc07_svm_map": float(np.mean(list(aps.values())))}, info, artifacts=artifacts,
-                      probe={"probe": "svm:goyal", "feature": layer})
+                      probe={"probe": "svm:goyal", "feature": layer, "tap": tap})

@@ -1,5 +1,6 @@
 """Table 1's protocol against W-MSE's own pipeline (htdt/self-supervised): torchvision's STL10 reader on the
-official binary files, W-MSE's test transform, its encoder stem, its kNN rule and its linear probe."""
+official binary files, W-MSE's test transform, its encoder stem, its kNN rule (eval/knn.py) and its linear probe
+(eval/sgd.py), the last two written out from W-MSE's source and run on fixed features."""
 import json
 
 import numpy as np
@@ -83,34 +84,78 @@ def test_majority_vote_ties_go_to_the_smallest_label():
     assert wmse_eval_knn(train, labels, torch.tensor([[1.5]]), torch.tensor([1]), k=4) == 1.0
 
 
-def test_linear_wmse_is_wmse_eval_sgd_on_the_same_features(tmp_path, demo_root):
-    """The probe of protocol=wmse against W-MSE's eval_sgd loop written out (Adam, ExponentialLR per epoch)."""
-    from tasks.linear import LinearProtocol, train_linear_wmse
+def wmse_eval_sgd(x_train, y_train, x_test, y_test, epoch, batch=1000):
+    """W-MSE's eval/sgd.py eval_sgd after get_data, written out (its batch of 1000 a parameter here): Adam 1e-2,
+    weight decay 5e-6, ExponentialLR towards 1e-6 stepped per epoch, torch.randperm(...).view(-1, batch)."""
+    lr_start, lr_end = 1e-2, 1e-6
+    gamma = (lr_end / lr_start) ** (1 / epoch)
+    num_class = y_train.max().item() + 1
+    clf = torch.nn.Linear(x_train.shape[1], num_class)
+    clf.train()
+    optimizer = torch.optim.Adam(clf.parameters(), lr=lr_start, weight_decay=5e-6)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    criterion = torch.nn.CrossEntropyLoss()
+    for _ in range(epoch):
+        perm = torch.randperm(len(x_train)).view(-1, batch)
+        for idx in perm:
+            optimizer.zero_grad()
+            criterion(clf(x_train[idx]), y_train[idx]).backward()
+            optimizer.step()
+        scheduler.step()
+    clf.eval()
+    with torch.no_grad():
+        y_pred = clf(x_test)
+    return clf, (y_pred.argmax(1) == y_test).float().mean().item()
 
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(120, 16, generator=g), torch.randint(0, 4, (120,), generator=g)
+
+def fixed_features(n_train, n_test, d, classes, seed):
+    """Train and test features around one class centre each: a problem a linear probe learns part of."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=g)
+    out = []
+    for n in (n_train, n_test):
+        y = torch.arange(n) % classes
+        out += [centres[y] + 1.5 * torch.randn(n, d, generator=g), y]
+    return out
+
+
+def test_linear_wmse_is_wmse_eval_sgd_on_fixed_features():
+    """protocol=wmse's probe against W-MSE's eval_sgd on the same fixed features, seeded the same way: the same
+    weights and test accuracy (the same float32 operations in the same order)."""
+    from tasks.linear import LinearProtocol, train_linear_wmse
+    from tasks.metrics import topk_accuracy
+
+    xtr, ytr, xte, yte = fixed_features(120, 80, 16, 4, seed=3)
     p = LinearProtocol(num_classes=4, wmse_batch_size=40, wmse_epochs=20)
-    clf, history, used = train_linear_wmse(x, y, 4, p, seed=5)
+    clf, history, used = train_linear_wmse(xtr, ytr, 4, p, seed=5)
     assert used == 120 and len(history) == 20
     assert history[-1]["lr"] == pytest.approx(1e-2 * (1e-6 / 1e-2) ** (19 / 20))
-
-    # eval_sgd, with the same initialisation and the same batches
     torch.manual_seed(5)
-    ref = torch.nn.Linear(16, 4)
-    opt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=5e-6)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, (1e-6 / 1e-2) ** (1 / 20))
-    g = torch.Generator().manual_seed(5)
-    keep = torch.randperm(120, generator=g)[:120]
-    xk, yk = x[keep], y[keep]
-    for _ in range(20):
-        for batch in torch.randperm(120, generator=g).view(-1, 40):
-            loss = torch.nn.functional.cross_entropy(ref(xk[batch]), yk[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        scheduler.step()
-    torch.testing.assert_close(clf.weight, ref.weight)
-    torch.testing.assert_close(clf.bias, ref.bias)
+    ref, ref_acc = wmse_eval_sgd(xtr, ytr, xte, yte, epoch=20, batch=40)
+    torch.testing.assert_close(clf.weight, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(clf.bias, ref.bias, rtol=0, atol=0)
+    with torch.no_grad():
+        assert topk_accuracy(clf(xte), yte, (1,))[1] == pytest.approx(100 * ref_acc)
+    assert 30 < 100 * ref_acc < 100  # the probe learnt something and the features are not trivially separable
+
+
+@pytest.mark.parametrize("k", [4, 5, 20])
+def test_majority_vote_knn_is_wmse_eval_knn_on_fixed_features(k):
+    """The kNN of protocol=wmse against W-MSE's eval_knn on fixed features whose votes tie often (4 classes)."""
+    from tasks.knn import majority_vote_knn
+
+    xtr, ytr, xte, yte = fixed_features(300, 200, 8, 4, seed=6)
+    ours = majority_vote_knn(xtr, ytr, xte, k, 4, chunk=64)
+    d = torch.cdist(xte.double(), xtr.double())  # W-MSE's float32 distances in double: no near-ties reordered
+    labels = ytr[torch.topk(d, k=k, dim=1, largest=False).indices]
+    counts = torch.stack([(labels == c).sum(1) for c in range(4)], 1)
+    ties = ((counts == counts.max(1, keepdim=True).values).sum(1) > 1).sum().item()
+    assert ties > 5  # the rule for equal votes is exercised
+    assert 100 * (ours == yte).double().mean().item() == pytest.approx(
+        100 * wmse_eval_knn(xtr.double(), ytr, xte.double(), yte, k=k))
+    for i in range(len(labels)):  # and per query, W-MSE's unique(return_counts) then argmax
+        values, n = labels[i].unique(return_counts=True)
+        assert ours[i] == values[n.argmax()]
 
 
 def test_linear_stl10_wmse_end_to_end(tmp_path, demo_root):
