@@ -217,6 +217,10 @@ def main(argv=None) -> int:
     checkpoint_values, overrides = split_settings(parse_overrides(args.overrides, tasks))
     settings = resolve_settings(checkpoint_values)
     seeds = parse_seeds(args.seeds, args.seed)
+    if args.launcher == "slurm":  # a bad Slurm setting stops the command before any work
+        from evaluate.launch import executor_parameters, slurm_settings
+
+        executor_parameters(slurm_settings(args))
     ckpts = expand_checkpoints(args.ckpt)
     world = distributed.world_size()
     device = distributed.resolve_device(args.device, world)

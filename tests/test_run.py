@@ -1,7 +1,9 @@
 """evaluate/run.py end to end on demo data: records, caching, and one-sentence errors with exit code 2."""
+import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,9 +160,14 @@ def test_features_are_cached(capsys, tmp_path, r18_ckpt, demo_root):
     (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--device", "cuda"], "no CUDA device"),
     (["--task", "knn_stl10", "--demo"], "--ckpt"),
     (["--ckpt", "random", "--ckpt-part", "target", "--task", "knn_stl10", "--demo"], "--ckpt random has no file"),
+    (["--ckpt", "/nonexistent/r50.pth", "--task", "knn_stl10", "--demo"], "no such file or folder"),
+    (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--seeds", "0,x"], "expected comma-separated integers"),
+    (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--seeds", "1,1"], "give distinct integers"),
+    (["--ckpt", "random", "--task", "knn_stl10", "--demo", "--launcher", "slurm", "--time", "soon"],
+     "--time soon: expected minutes"),
 ])
 def test_user_errors_exit_2_with_one_sentence(capsys, tmp_path, args, message, demo_root):
-    code, out, err = run(capsys, *args, "--out", str(tmp_path))
+    code, out, err = run(capsys, *args, "--out", str(tmp_path), "--no-report")
     assert code == 2
     assert one_sentence(err, message)
     assert not records_under(tmp_path)
@@ -173,7 +180,7 @@ def test_bad_checkpoints_exit_2(capsys, tmp_path, r18_ckpt, demo_root):
                                 (r18_ckpt, "resnet50", "does not fit resnet50")]:
         extra = ["--arch", arch] if arch else []
         code, out, err = run(capsys, "--ckpt", str(ckpt), *extra, "--task", "knn_stl10", "--demo",
-                             "--out", str(tmp_path / "out"))
+                             "--out", str(tmp_path / "out"), "--no-report")
         assert code == 2 and one_sentence(err, message)
         assert not records_under(tmp_path / "out")
 
@@ -187,11 +194,11 @@ def test_unreadable_image_stops_the_run(capsys, tmp_path, demo_root):
     victim.write_bytes(b"not a jpeg")
     code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", "knn_in1k", "--data-root",
                          str(root), "--out", str(tmp_path / "out"), "--set", "num_classes=12", "--set", "resize=64",
-                         "--set", "crop=64", "--set", "k=5")
+                         "--set", "crop=64", "--set", "k=5", "--no-report")
     assert code == 2 and str(victim) in err and not records_under(tmp_path / "out")
     code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", "knn_in1k", "--data-root",
                          str(root), "--out", str(tmp_path / "out"), "--set", "num_classes=12", "--set", "resize=64",
-                         "--set", "crop=64", "--set", "k=5", "--set", "skip_bad_images=true")
+                         "--set", "crop=64", "--set", "k=5", "--set", "skip_bad_images=true", "--no-report")
     assert code == 0, err
     rec = json.loads(records_under(tmp_path / "out")[0].read_text())
     assert rec["data"]["test_skipped_images"] == 1 and rec["data"]["test_size"] == 119
@@ -204,9 +211,7 @@ def test_script_runs_from_another_directory(tmp_path, demo_root):
     assert proc.returncode == 0
     for name in ("linear_in1k", "semisup_10pct", "knn_stl10", "voc07_svm", "coco_instseg"):
         assert name in proc.stdout
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate" / "run.py"), "--ckpt", "random", "--task",
-                           "nope", "--demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown task")
+    # config errors (exit 2, one sentence) are tested in-process: test_user_errors_exit_2_with_one_sentence
 
 
 def save_r18(path, seed):
@@ -298,3 +303,67 @@ def test_seeds_keep_each_trial_and_their_mean_and_std(capsys, tmp_path, r18_ckpt
         assert rec["metrics_std"][name] == pytest.approx(float(np.std(values, ddof=1)), abs=1e-9)
         assert f"{name} = {np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=3)" in out
     assert any(v > 0 for v in rec["metrics_std"].values())
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    from core.cli import UserError
+    from core.files import atomic_torch_save, atomic_write_text
+
+    target = tmp_path / "summary.csv"
+    atomic_write_text(target, "the previous content\n")
+    monkeypatch.setattr("core.files.os.fsync", enospc)  # the disk fills while the record's bytes are flushed
+    with pytest.raises(UserError, match=r"^no space left on the device of .* while writing summary.csv; nothing "
+                                        r"was replaced \(the previous file, if any, is intact\)"):
+        atomic_write_text(target, "new content that does not fit\n")
+    monkeypatch.undo()
+    ckpt = tmp_path / "last.pth"
+    atomic_torch_save({"step": 1}, ckpt)
+    monkeypatch.setattr("torch.save", enospc)  # a checkpoint: torch.save itself meets the full disk
+    with pytest.raises(UserError, match="while writing last.pth"):
+        atomic_torch_save({"step": 2}, ckpt)
+    assert target.read_text() == "the previous content\n" and torch.load(ckpt) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "summary.csv"]  # no temporary left
+
+
+def test_a_full_disk_while_writing_a_record_exits_non_zero_with_one_sentence(capsys, tmp_path, monkeypatch,
+                                                                            demo_root):
+    monkeypatch.setattr("core.files.os.fsync", enospc)
+    code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo",
+                         "--set", "k=5", "--out", str(tmp_path), "--no-report")
+    assert code == 2 and one_sentence(err, "no space left on the device of")
+    assert not records_under(tmp_path) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_half_written_records_are_never_read_and_old_ones_are_removed(tmp_path):
+    from core.files import LEFTOVER_AGE_S, remove_leftovers
+    from results.record import finished_runs, read_records
+
+    folder = tmp_path / "records" / "knn_stl10"
+    folder.mkdir(parents=True)
+    old = folder / ".r18__20260101-000000.json.k3j2.tmp"  # a writer killed an hour ago
+    old.write_text('{"task": "knn_stl10", "metrics": {}, "check')
+    os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))
+    young = folder / ".r18__20260101-000001.json.x9q1.tmp"  # a job writing into the same folder right now
+    young.write_text('{"task": "knn_stl10", "metrics": {}, "checkpoint": {}}')
+    assert read_records(tmp_path) == [] and finished_runs(tmp_path) == {}
+    assert remove_leftovers(tmp_path / "records") == [old]
+    assert not old.exists() and young.exists()
+    assert remove_leftovers(tmp_path / "records", older_than_s=LEFTOVER_AGE_S) == []
+
+
+def test_sanity_warns_when_the_checkpoint_is_no_better_than_a_random_encoder(capsys, tmp_path, demo_root):
+    state = torchvision.models.resnet18().state_dict()
+    empty = tmp_path / "zeros.pth"  # a file whose tensors were never trained nor even initialised
+    torch.save({k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in state.items()}, empty)
+    code, out, err = run(capsys, "--ckpt", str(empty), "--task", "knn_stl10", "--demo", "--set", "k=5", "--sanity",
+                         "--out", str(tmp_path / "out"), "--no-report")
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("sanity ("))
+    ours, random_ = (float(x) for x in re.findall(r"checkpoint ([\d.]+), random resnet18 ([\d.]+)", line)[0])
+    assert ours == pytest.approx(10.0) and random_ > ours  # constant features: every query votes one class
+    assert f"WARNING: {empty} is no better than a random resnet18" in out
+    assert out.index("WARNING") < out.index("[knn_stl10]")  # before the task
