@@ -229,10 +229,11 @@ def submit_jobs(executor, commands, array=False) -> list:
     return [executor.submit(EvalJob(c)) for c in commands]
 
 
-def follow(jobs, poll_s=5.0, out=sys.stderr) -> list:
+def follow(jobs, poll_s=5.0, out=None) -> list:
     """A progress bar over the jobs until all are done; the failed ones as (job, error text)."""
     from tqdm import tqdm
 
+    out = sys.stderr if out is None else out
     failed, finished = [], set()
     with tqdm(total=len(jobs), desc="jobs", unit="job", file=out) as bar:
         while len(finished) < len(jobs):
@@ -275,7 +276,7 @@ def submit(args, argv, work, kind="slurm") -> int:
     write_summary(args.out)
     if not args.no_report:
         write_report(args.out, args.out / "tables")
-    print(final_table(args.out, [j.job_id for j in jobs]))
+    print(final_table(args.out, [ckpt.path for ckpt, _ in work], [n for _, names in work for n in names]))
     for job, error in failed:
         print(f"job {job.job_id} failed: {error} (log: {job.paths.stderr})")
     if failed:

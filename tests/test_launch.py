@@ -120,3 +120,35 @@ def test_a_preempted_job_requeues_with_resume_and_writes_the_uninterrupted_recor
     assert record["metrics"] == straight["metrics"]  # bit-equal on the CPU
     assert record["data"]["history"] == straight["data"]["history"]
     assert record["command"].endswith("--resume")
+
+
+def test_slurm_launcher_end_to_end_on_the_local_executor(tmp_path, capsys, monkeypatch, demo_root):
+    """`--launcher slurm --array --wait` through evaluate/run.py, with submitit's local executor in place of
+    sbatch: job ids, a progress bar, records of both checkpoints in one folder, the final table; the same
+    command again submits nothing."""
+    import torch
+    import torchvision
+
+    import evaluate.launch as launch
+
+    real = launch.make_executor
+    monkeypatch.setattr(launch, "make_executor", lambda kind, folder, settings: real("local", folder, settings))
+    torch.manual_seed(3)
+    ckpt = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    argv = ["--ckpt", f"random,{ckpt}", "--arch", "resnet18", "--task", "knn_stl10", "--demo", "--set", "k=5",
+            "--out", str(tmp_path / "out"), "--launcher", "slurm", "--partition", "gpu", "--array", "--wait"]
+    assert cli(argv) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    line = next(l for l in out.splitlines() if l.startswith("submitted 2 jobs as one array"))
+    ids = line.split(": ")[-1].split()
+    assert len(ids) == 2 and all(ids)
+    assert "jobs: 100%" in err.replace("\r", "\n")  # the progress bar over jobs
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "out" / "records").rglob("*.json")]
+    assert sorted(r["checkpoint"]["path"] for r in recs) == sorted(["random:resnet18:seed0", str(ckpt.resolve())])
+    table = out[out.index("| checkpoint | epoch | task | metric | value |"):]
+    assert "| random:resnet18:seed0 [demo] |  | knn_stl10 | stl10_knn5_top1 |" in table and "| r18.pth [demo] |" in table
+    assert (tmp_path / "out" / "tables" / "knn.md").is_file()  # the tables, once, at the end
+    assert cli(argv) == 0
+    out, _ = capsys.readouterr()
+    assert "nothing new" in out and "submitted" not in out
