@@ -326,12 +326,17 @@ def evaluate_checkpoint(args, ckpt, todo, seeds, settings, data_root, device, ra
         if tracker is not None and rank == 0:  # opened before the work, so a requeued job reopens the same run
             run = tracker.start(key, f"{t.name}:{Path(checkpoint.path).name}",
                                 tracker.config(t.name, protocol, section, seeds, args.demo))
-        for seed in seeds:
-            say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}{f' seed {seed}' if len(seeds) > 1 else ''}")
-            ctx = RunContext(model, checkpoint, arch, data_root, device, seed, args.demo, args.out, args.resume, say,
-                             rank, world, args.device)
-            out = t.run(ctx, p)
-            trials.append({"seed": seed, "metrics": out.metrics})
+        try:
+            for seed in seeds:
+                say(f"[{t.name}]{' (demo protocol)' if args.demo else ''}{f' seed {seed}' if len(seeds) > 1 else ''}")
+                ctx = RunContext(model, checkpoint, arch, data_root, device, seed, args.demo, args.out, args.resume,
+                                 say, rank, world, args.device)
+                out = t.run(ctx, p)
+                trials.append({"seed": seed, "metrics": out.metrics})
+        except BaseException:  # a failure or a preemption: the W&B run ends unfinished; a rerun continues it
+            if run is not None:
+                run.finish(exit_code=1)
+            raise
         if rank != 0:
             continue  # rank 0 writes the records
         record = records.build_record(

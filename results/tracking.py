@@ -8,6 +8,8 @@ one-sentence error. `WANDB_MODE=offline` logs into `<out>/state/wandb/wandb/offl
 `wandb sync`.
 """
 import hashlib
+import secrets
+import string
 from pathlib import Path
 
 from core.cli import UserError
@@ -32,7 +34,7 @@ class WandbTracker:
         path = self.id_file(run_key)
         if path.is_file():
             return path.read_text().strip()
-        run_id = self.wandb.util.generate_id()
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
         atomic_write_text(path, run_id + "\n")
         return run_id
 

@@ -367,3 +367,74 @@ def test_sanity_warns_when_the_checkpoint_is_no_better_than_a_random_encoder(cap
     assert ours == pytest.approx(10.0) and random_ > ours  # constant features: every query votes one class
     assert f"WARNING: {empty} is no better than a random resnet18" in out
     assert out.index("WARNING") < out.index("[knn_stl10]")  # before the task
+
+
+def test_wandb_logs_the_record_and_a_rerun_continues_the_same_wandb_run(capsys, tmp_path, monkeypatch, demo_root):
+    pytest.importorskip("wandb")
+    import dataclasses
+
+    from tasks.registry import TASKS
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo", "--set", "k=5",
+            "--out", str(tmp_path), "--no-report", "--wandb", "ssl-suite-test"]
+
+    def preempted(ctx, p):
+        raise KeyboardInterrupt  # the job is stopped in the middle of its task
+
+    real = TASKS["knn_stl10"]
+    monkeypatch.setitem(TASKS, "knn_stl10", dataclasses.replace(real, run=preempted))
+    code, out, err = run(capsys, *args)
+    assert code == 130 and not records_under(tmp_path), err
+    [id_file] = (tmp_path / "state" / "wandb").glob("*.id")
+    run_id = id_file.read_text().strip()
+    monkeypatch.setitem(TASKS, "knn_stl10", real)
+    code, out, err = run(capsys, *args, "--resume")  # the requeued job
+    assert code == 0, err
+    assert f"wandb: run {run_id} (ssl-suite-test)" in out
+    assert list((tmp_path / "state" / "wandb").glob("*.id")) == [id_file]
+    runs = sorted((tmp_path / "state" / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # both attempts wrote into the W&B run of this id (wandb sync merges them)
+    assert logged_history(runs[0]) == {}  # the preempted attempt logged nothing
+    logged = logged_history(runs[1])
+    record = json.loads(records_under(tmp_path)[0].read_text())
+    assert logged["stl10_knn5_top1"] == record["metrics"]["stl10_knn5_top1"]
+    assert logged["seed0/stl10_knn5_top1"] == record["trials"][0]["metrics"]["stl10_knn5_top1"]
+
+
+def wandb_records(path):
+    """The protobuf records of a W&B run log (`run-<id>.wandb`): LevelDB's log format as wandb writes it (a
+    7-byte file header ':W&B', 0xBEE1, version 0; 32 KiB blocks of chunks: crc32 u32, length u16, type u8 with
+    1 full, 2 first, 3 middle, 4 last; a block tail shorter than a chunk header is padding)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = Path(path).read_bytes(), 32768, 7
+    assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0)
+    pos, pending, out = 7, b"", []
+    while pos + header <= len(data):
+        if block - pos % block < header:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if kind == 0 and length == 0:
+            break
+        chunk, pos = data[pos + header:pos + header + length], pos + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            out.append(rec)
+    return out
+
+
+def logged_history(offline_run):
+    """{key: value} of the history rows of an offline W&B run."""
+    [path] = offline_run.glob("run-*.wandb")
+    out = {}
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            out.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return {k: v for k, v in out.items() if not k.startswith("_")}
