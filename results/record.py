@@ -67,7 +67,9 @@ def checkpoint_name(checkpoint: dict) -> str:
     if checkpoint["format"] == "random":
         return checkpoint["path"].replace(":", "-")
     path = Path(checkpoint["path"])
-    return f"{path.parent.name}-{path.stem}" if path.stem in ("backbone", "last") else path.stem.split(".")[0]
+    if path.stem in ("backbone", "last") or checkpoint.get("epoch") is not None:  # a run folder's file
+        return f"{path.parent.name}-{path.stem}"
+    return path.stem.split(".")[0]
 
 
 def checkpoint_section(described: dict, epoch=None) -> dict:

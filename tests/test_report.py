@@ -308,3 +308,21 @@ def test_trials_of_a_record_give_mean_and_std_over_n(tmp_path, capsys):
     assert (c["ours_mean"], c["ours_std"], c["n"]) == ("81.0000", f"{math.sqrt(7):.4f}", "3")
     linear = (tmp_path / "tables" / "linear.md").read_text()
     assert f"81.00 ± {math.sqrt(7):.2f} (n=3)" in linear
+
+
+def test_a_record_of_version_2_is_the_same_run_as_a_new_command_on_its_checkpoint(tmp_path):
+    from results.record import finished_runs, make_run_key, read_record, run_key_text
+
+    protocol = {"k": {"value": [5], "source": "paper"}, "temperature": {"value": 0.07, "source": "NPID"}}
+    old = {**record("knn_stl10", {"stl10_knn5_top1": 30.0}, "b" * 64), "protocol": protocol, "seed": 0}
+    path = write_records(tmp_path, {"knn_stl10/r18__20260101-000000.json": old}) / "records" / "knn_stl10" / \
+        "r18__20260101-000000.json"
+    assert read_record(path)["record_version"] == 2
+    same = make_run_key(checkpoint_id="b" * 64, task="knn_stl10", protocol_values={"k": (5,), "temperature": 0.07},
+                        seeds=[0], demo=False, selection={"arch": None, "settings": {}})
+    assert finished_runs(tmp_path) == {run_key_text(same): path}
+    for other in (dict(seeds=[1]), dict(demo=True), dict(protocol_values={"k": (20,), "temperature": 0.07}),
+                  dict(checkpoint_id="c" * 64), dict(selection={"ckpt_key": "teacher"})):
+        key = make_run_key(**{**dict(checkpoint_id="b" * 64, task="knn_stl10", seeds=[0], demo=False,
+                                     protocol_values={"k": (5,), "temperature": 0.07}), **other})
+        assert run_key_text(key) not in finished_runs(tmp_path), other
