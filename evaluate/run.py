@@ -140,6 +140,26 @@ def select_tasks(spec: str):
     return [TASKS[n] for n in names]
 
 
+def supported_tasks(todo, checkpoint, all_tasks, say):
+    """The work items [(task, ...)] the encoder's family supports: `--task all` skips the others with the
+    family's sentence; a named unsupported task stops the run with it (backbones.families, the encoder-family
+    seam; without it every encoder is a ResNet and every task is supported)."""
+    try:
+        from backbones.families import unsupported
+    except ImportError:
+        return todo
+    kept = []
+    for item in todo:
+        why = unsupported(checkpoint, getattr(item[0], "requires", ()))
+        if why is None:
+            kept.append(item)
+        elif all_tasks:
+            say(f"--task all: skipping {item[0].name}: {why}")
+        else:
+            raise UserError(f"{item[0].name}: {why}")
+    return kept
+
+
 def parse_overrides(items, tasks):
     from core.settings import keys, split_assignments, unknown_key
 
@@ -311,13 +331,14 @@ def evaluate_checkpoint(args, ckpt, todo, seeds, settings, data_root, device, ra
     model, checkpoint, arch = make_encoder(ckpt.path, args.arch, seeds[0], args.ckpt_format, args.ckpt_part,
                                            args.ckpt_key, settings)
     describe_checkpoint(checkpoint, arch, device, say)
+    todo = supported_tasks(todo, checkpoint, args.task == "all", say)
     if ckpt.epoch is not None:
         say(f"  epoch {ckpt.epoch} (from the file name)")
     if args.sanity:
         from evaluate.sanity import sanity_check
 
         sanity_check(model, checkpoint, arch, [t for t, _, _, _ in todo], [p for _, p, _, _ in todo], data_root,
-                     device, say, rank, world)
+                     device, say, rank, world, args.demo)
     written = 0
     for t, p, protocol, key in todo:
         started, trials, out = time.time(), [], None

@@ -43,7 +43,7 @@ def knn_top1(model, cache_id, arch, train, test, transform, device, k) -> float:
     return topk_accuracy(scores, yte, (1,))[1]
 
 
-def sanity_check(model, checkpoint, arch, tasks, protocols, data_root, device, say, rank=0, world=1):
+def sanity_check(model, checkpoint, arch, tasks, protocols, data_root, device, say, rank=0, world=1, demo=False):
     """The kNN top-1 of the checkpoint and of a random encoder on a subset; None when no task of the command
     reads a classification dataset. Runs in one process (rank 0 of torchrun; the others wait at the task)."""
     from backbones.checkpoints import make_encoder
@@ -65,6 +65,10 @@ def sanity_check(model, checkpoint, arch, tasks, protocols, data_root, device, s
                   SANITY_TEST, seed=1)
     mean, std = input_normalization(types.SimpleNamespace(checkpoint=checkpoint), p, {})
     transform = EvalTransform(p.resize, p.crop, mean, std, p.interpolation)
+    if getattr(checkpoint, "family", "resnet") != "resnet":  # a ViT reads its release's input (families)
+        from backbones.families import eval_transform
+
+        transform = eval_transform(checkpoint, transform, demo=demo)
     k = min(SANITY_K, len(train))
     ours = knn_top1(model, checkpoint.cache_id, arch, train, test, transform, device, k)
     import torch
