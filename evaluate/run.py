@@ -334,7 +334,9 @@ def evaluate_checkpoint(args, ckpt, todo, seeds, settings, data_root, device, ra
     todo = supported_tasks(todo, checkpoint, args.task == "all", say)
     if ckpt.epoch is not None:
         say(f"  epoch {ckpt.epoch} (from the file name)")
-    if args.sanity:
+    if args.sanity and ckpt.random:
+        say("sanity: --ckpt random is the random encoder the check compares with; nothing to check")
+    elif args.sanity:
         from evaluate.sanity import sanity_check
 
         sanity_check(model, checkpoint, arch, [t for t, _, _, _ in todo], [p for _, p, _, _ in todo], data_root,
