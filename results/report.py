@@ -367,6 +367,9 @@ def plot_epochs(records):
             epochs = sorted(by_epoch)
             ax.plot(epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs], marker="o",
                     label=f"{run}: {metric} ({probe})")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (as the checkpoint's file name gives it)")
         ax.set_ylabel("AP" if kind == "detection" else "accuracy / mAP (%)" if kind != "representation" else kind)
         ax.set_title(f"{FAMILY_TITLES[kind]} against pretraining epoch", fontsize=9)
