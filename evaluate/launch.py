@@ -22,7 +22,6 @@ Slurm settings come from flags or a YAML file (`--slurm-config`, flags win):
       qos: high
       constraint: volta32gb
 """
-import argparse
 import os
 import re
 import sys
@@ -283,10 +282,3 @@ def submit(args, argv, work, kind="slurm") -> int:
         raise UserError(f"{len(failed)} of {len(jobs)} jobs failed; rerun the command to redo only those")
     return 0
 
-
-def parse_only(argv):
-    """The launcher options alone (for tests and tools)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_launcher_options(p)
-    args, _ = p.parse_known_args(argv)
-    return args

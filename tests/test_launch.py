@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluate.launch import EvalJob, executor_parameters, job_argv, make_executor, parse_time, slurm_settings, \
-    submit, submit_jobs
+    submit_jobs
 from evaluate.run import cli, parse_args
 
 
