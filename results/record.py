@@ -5,20 +5,27 @@ Version history:
 - 1: records of the first releases (no `record_version` field).
 - 2: `record_version` written; `probe` holds the protocol values that the paper tables' cells depend on
   (probe protocol, epochs, engine, resolution, method definition).
+- 3: `checkpoint` names the encoder family (`family`: resnet | vit), its releasing project (`release`) and the
+  load report (`load`: tensors loaded / expected, unused file keys by group) and, for a checkpoint of a run
+  folder, its `epoch`; `probe.tap` names the feature tap; `precision` the autocast dtype; `trials` keeps each
+  seed's metrics ({seed, metrics}) with `metrics` their mean and `metrics_std` their standard deviation when
+  several seeds ran; `run_key` the fields that make two records the same run (`run_key()`).
 """
 import csv
 import io
 import json
 import platform
+import statistics
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 
 from core.cli import UserError
-from core.files import REPO_ROOT, atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from core.files import REPO_ROOT, atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, \
+    remove_leftovers
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 REQUIRED = ("task", "metrics", "checkpoint")  # every version has these
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "faiss-cpu", "faiss-gpu", "pycocotools",
             "detectron2")
@@ -60,26 +67,53 @@ def checkpoint_name(checkpoint: dict) -> str:
     if checkpoint["format"] == "random":
         return checkpoint["path"].replace(":", "-")
     path = Path(checkpoint["path"])
-    return f"{path.parent.name}-{path.stem}" if path.stem in ("backbone", "last") else path.stem.split(".")[0]
+    if path.stem in ("backbone", "last") or checkpoint.get("epoch") is not None:  # a run folder's file
+        return f"{path.parent.name}-{path.stem}"
+    return path.stem.split(".")[0]
 
 
-def build_record(*, task, demo, metrics, data, protocol, checkpoint, arch, seed, device, engine, command,
-                 started, probe=None) -> dict:
-    """A record of version RECORD_VERSION. `protocol` is {key: {value, source}}; `checkpoint` describes the
-    file (path, sha256, format, part, dropped, input normalisation, notes, pretraining); `probe` holds the
-    protocol values that a paper table's cell depends on (probe protocol, epochs, engine, ...)."""
-    return {
+def checkpoint_section(described: dict, epoch=None) -> dict:
+    """The record's `checkpoint` section from `Checkpoint.describe()`: the v3 fields (`family`, `release`,
+    `load`) filled in for Checkpoint objects that predate them (ResNets, no load report), and the run folder's
+    `epoch` when the file's name gives one."""
+    out = {"family": "resnet", "release": None, "load": None, **described}
+    if epoch is not None:
+        out["epoch"] = epoch
+    return out
+
+
+def trial_summary(trials: list) -> tuple:
+    """(mean metrics, std metrics or None) over trials [{seed, metrics}]: the metrics every trial has; the
+    standard deviation is the sample one (n - 1), as the tables print it, and only when several trials ran."""
+    names = [m for m in trials[0]["metrics"] if all(m in t["metrics"] for t in trials)]
+    mean = {m: statistics.fmean(float(t["metrics"][m]) for t in trials) for m in names}
+    if len(trials) < 2:
+        return {m: trials[0]["metrics"][m] for m in names}, None
+    return mean, {m: statistics.stdev(float(t["metrics"][m]) for t in trials) for m in names}
+
+
+def build_record(*, task, demo, trials, data, protocol, checkpoint, arch, device, engine, command,
+                 started, probe=None, precision="float32", run_key=None) -> dict:
+    """A record of version RECORD_VERSION. `trials` is [{seed, metrics}] (one per --seeds value); `protocol`
+    is {key: {value, source}}; `checkpoint` is `checkpoint_section(...)` (path, sha256, format, family,
+    release, load report, input normalisation, notes, pretraining, epoch); `probe` holds the protocol values
+    that a paper table's cell depends on (probe protocol, tap, epochs, engine, ...)."""
+    metrics, std = trial_summary(trials)
+    record = {
         "record_version": RECORD_VERSION,
         "task": task,
         "demo": demo,
         "engine": engine,
         "metrics": metrics,
+        "trials": trials,
         "probe": probe or {},
+        "precision": precision,
         "data": data,
         "protocol": protocol,
         "checkpoint": checkpoint,
         "arch": arch,
-        "seed": seed,
+        "seed": trials[0]["seed"],
+        "seeds": [t["seed"] for t in trials],
         "device": device,
         "git_commit": git_commit(),
         "packages": package_versions(),
@@ -87,12 +121,51 @@ def build_record(*, task, demo, metrics, data, protocol, checkpoint, arch, seed,
         "wall_time_s": round(time.time() - started, 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if std is not None:
+        record["metrics_std"] = std
+    record["run_key"] = run_key or derive_run_key(record)
+    return record
+
+
+# ---- which records are the same run -------------------------------------------------------------------
+
+def make_run_key(*, checkpoint_id, task, protocol_values, seeds, demo, selection=None) -> dict:
+    """What makes two records the same run: the checkpoint's content (sha256; the random encoder's id), the
+    task, every protocol value, the seeds, --demo, and how the network was taken from the file (`selection`:
+    --arch, --ckpt-key, --ckpt-format, checkpoint --set values; only those given)."""
+    return {"checkpoint": checkpoint_id, "task": task, "protocol": protocol_values, "seeds": list(seeds),
+            "demo": bool(demo), "selection": {k: v for k, v in (selection or {}).items() if v not in (None, {})}}
+
+
+def protocol_values(protocol: dict) -> dict:
+    """{key: value} of a record's {key: {value, source}} protocol section."""
+    return {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in (protocol or {}).items()}
+
+
+def derive_run_key(record: dict) -> dict:
+    """The run key of a record that does not carry one (versions 1 and 2)."""
+    ck = record.get("checkpoint") or {}
+    return make_run_key(checkpoint_id=ck.get("sha256") or ck.get("path"), task=record.get("task"),
+                        protocol_values=protocol_values(record.get("protocol")),
+                        seeds=record.get("seeds") or [record.get("seed", 0)], demo=record.get("demo", False))
+
+
+def run_key_text(key: dict) -> str:
+    """A run key as one comparable string (JSON with sorted keys; lists and tuples alike)."""
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def finished_runs(out_dir: Path) -> dict:
+    """{run key text: record path} of every readable record under `out_dir/records`."""
+    return {run_key_text(r.get("run_key") or derive_run_key(r)): path
+            for path, r in read_records(out_dir, warn=lambda *a: None)}
 
 
 def write_record(out_dir: Path, record: dict, artifacts=None) -> Path:
     """The record, atomically; `artifacts` ({name: text, bytes, or a function writing a path}) are written
     beside it as `<record stem>.<name>` first, and the record lists them."""
     validate(record, "the record being written")
+    remove_leftovers(Path(out_dir) / "records")
     path = record_path(Path(out_dir), record["task"], checkpoint_name(record["checkpoint"]), record["demo"])
     record = dict(record)
     if artifacts:
@@ -153,21 +226,36 @@ def read_records(out_dir: Path, warn=print) -> list:
     return out
 
 
-def write_summary(out_dir: Path) -> Path:
-    """`summary.csv`: one row per record, one column per metric (deterministic for the same records)."""
-    records = read_records(out_dir)
+SUMMARY_COLUMNS = ["record", "task", "checkpoint", "sha256", "format", "family", "release", "epoch", "arch", "tap",
+                   "probe", "engine", "precision", "demo", "seeds", "n", "finished"]
+
+
+def summary_csv(out_dir: Path, records=None) -> str:
+    """One row per record: what was measured (checkpoint, family, epoch, tap, probe, seeds) and one column per
+    metric (the mean over the record's trials), then `<metric>_std` columns for records of several trials."""
+    records = read_records(out_dir) if records is None else records
     metrics = sorted({m for _, r in records for m in r.get("metrics", {})})
+    stds = sorted({m for _, r in records for m in r.get("metrics_std") or {}})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["record", "task", "checkpoint", "sha256", "format", "arch", "engine", "demo", "seed",
-                     "finished"] + metrics)
+    writer.writerow(SUMMARY_COLUMNS + metrics + [f"{m}_std" for m in stds])
     for path, r in records:
-        ck = r.get("checkpoint", {})
-        writer.writerow([path.relative_to(out_dir).as_posix(), r.get("task"), ck.get("path"), ck.get("sha256"),
-                         ck.get("format"), r.get("arch"), r.get("engine"), r.get("demo"), r.get("seed"),
-                         r.get("finished")] + [_fmt(r.get("metrics", {}).get(m)) for m in metrics])
+        ck, probe = r.get("checkpoint", {}), r.get("probe") or {}
+        seeds = r.get("seeds") or [r.get("seed")]
+        writer.writerow([Path(path).relative_to(out_dir).as_posix(), r.get("task"), ck.get("path"),
+                         ck.get("sha256"), ck.get("format"), ck.get("family", "resnet"), ck.get("release"),
+                         ck.get("epoch"), r.get("arch"), probe.get("tap"), probe.get("probe"), r.get("engine"),
+                         r.get("precision"), r.get("demo"), " ".join(str(x) for x in seeds), len(seeds),
+                         r.get("finished")]
+                        + [_fmt(r.get("metrics", {}).get(m)) for m in metrics]
+                        + [_fmt((r.get("metrics_std") or {}).get(m)) for m in stds])
+    return buf.getvalue()
+
+
+def write_summary(out_dir: Path) -> Path:
+    """`summary.csv` (`summary_csv`), deterministic for the same records."""
     path = Path(out_dir) / "summary.csv"
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, summary_csv(out_dir))
     return path
 
 

@@ -193,10 +193,18 @@ def checkpoint_label(record: dict) -> str:
     ck = record.get("checkpoint", {})
     path = ck.get("path", "?")
     name = path if ck.get("format") == "random" else Path(path).name
-    if Path(path).name in ("backbone.pth", "last.pth"):
+    if Path(path).name in ("backbone.pth", "last.pth") or ck.get("epoch") is not None:
         name = f"{Path(path).parent.name}/{Path(path).name}"
     flags = ["demo"] if record.get("demo") else []
     return name + (f" [{', '.join(flags)}]" if flags else "")
+
+
+def another_architecture(record: dict, paper_rows) -> str:
+    """The record's encoder family when the table's rows are all of another one (a ViT beside ResNet rows),
+    else ''."""
+    mine = (record.get("checkpoint") or {}).get("family") or "resnet"
+    theirs = {"vit" if p.backbone.startswith("vit") else "resnet" for p in paper_rows}
+    return mine if theirs and mine not in theirs else ""
 
 
 def checkpoint_key(record: dict) -> tuple:
@@ -249,12 +257,26 @@ def build_table(table: str, paper, records):
                 keys = placed
             else:
                 key = ("ours",) + checkpoint_key(rec)
+                other_arch = another_architecture(rec, mine)
+                if other_arch:
+                    key = key[:1] + (f"{key[1]} [{other_arch}]",) + key[2:]
+                    notes[key[1]] = (f"{key[1]}: a {other_arch} encoder ({rec.get('arch')}), another architecture "
+                                     f"than the table's {'/'.join(sorted({p.backbone for p in mine}))} rows; shown "
+                                     "for reference, never in a paper row")
                 if fitting:
                     needed = cell_protocol(table, fitting[0][1], metric)
                     got = describe_protocol(record_protocol(rec, needed)) if needed else "?"
                     key = key[:1] + (f"{key[1]} [{got}]",) + key[2:]
                     notes[key[1]] = (f"{key[1]}: pretrained as the paper's row '{fitting[0][1]}', but measured with "
                                      f"{got}; the paper's cell was measured with {describe_protocol(needed)}")
+                else:  # a row of its own: say when it was measured with another protocol than the paper's cells
+                    row = next((k for k in order if k[0] == "paper" and rows[k][metric].paper is not None), None)
+                    needed = cell_protocol(table, row[1], metric) if row else {}
+                    if needed and not protocol_matches(needed, rec):
+                        got = describe_protocol(record_protocol(rec, needed))
+                        key = key[:1] + (f"{key[1]} [{got}]",) + key[2:]
+                        notes[key[1]] = (f"{key[1]}: measured with {got}; the paper's cells of this table were "
+                                         f"measured with {describe_protocol(needed)}, so the numbers do not compare")
                 keys = [key]
             for key in keys:
                 if key not in rows:
@@ -269,7 +291,11 @@ def build_table(table: str, paper, records):
 
 
 def trial_values(record: dict, metric: str) -> list:
-    """The per-trial values of a record that ran several seeds (detection's trials=N), else []."""
+    """The per-trial values of a record that ran several trials: its seeds (record v3 `trials`), or
+    detection's own trials (`data.trials`, metric names without the task prefix); else []."""
+    values = [t["metrics"].get(metric) for t in record.get("trials") or [] if isinstance(t, dict) and "metrics" in t]
+    if len(values) > 1 and None not in values:
+        return [float(v) for v in values]
     trials = (record.get("data") or {}).get("trials") or []
     prefix = {"voc_det": "voc_det_", "coco_instseg": "coco_"}.get(record.get("task"), "")
     values = [t["metrics"].get(metric[len(prefix):]) for t in trials if isinstance(t, dict) and "metrics" in t]

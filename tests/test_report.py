@@ -197,3 +197,132 @@ def test_runs_of_compared_methods_fill_their_rows_as_reproductions(tmp_path, cap
     md = (tmp_path / "tables" / "table1.md").read_text()
     assert "| paper, reproduced here | W-MSE 4 | resnet18 |" in md
     assert "| paper | MSBReg K=4 | resnet18 |" in md  # the paper's own rows are not reproductions
+
+
+def write_records(root, recs):
+    for rel, rec in recs.items():
+        path = root / "records" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    return root
+
+
+def test_latex_and_csv_formats(records_dir, capsys):
+    assert report_cli(["--records", str(records_dir), "--format", "latex,csv"]) == 0
+    out = records_dir / "tables"
+    assert not (out / "table1.md").exists()  # only the formats asked for
+    tex = (out / "table1.tex").read_text()
+    assert r"\begin{tabular}{lllll" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"in100\_linear\_top1" in tex and r"80.50 $\pm$ 0.71 (n=2) (paper 80.38, $\Delta$ +0.12)" in tex
+    assert r"\footnotesize k4/backbone.pth [linear:fast]: pretrained as the paper's row" in tex
+    assert "_" not in tex.replace(r"\_", "")  # every underscore escaped
+    rows = read_rows(out / "records.csv")
+    on_disk = sorted(p for p in (records_dir / "records").rglob("*.json") if p.name != "stray.json")
+    assert [r["record"] for r in rows] == [p.relative_to(records_dir).as_posix() for p in on_disk]
+    for r, p in zip(rows, on_disk):
+        rec = json.loads(p.read_text())
+        for metric, value in rec["metrics"].items():
+            assert r[metric] == f"{value:.2f}"
+        assert r["task"] == rec["task"] and r["sha256"] == (rec["checkpoint"]["sha256"] or "")
+    assert report_cli(["--records", str(records_dir), "--format", "pdf"]) == 2
+    assert "--format pdf: choose from md, latex, csv" in capsys.readouterr().err
+
+
+def test_metrics_against_epoch_one_plot_per_kind(tmp_path, capsys):
+    recs = {}
+    for epoch, (knn, lin) in {1: (20.0, 30.0), 2: (25.0, 35.0), 10: (40.0, 50.0)}.items():
+        ck = {"path": f"/runs/demo/backbone_epoch{epoch:04d}.pth", "epoch": epoch}
+        recs[f"knn_stl10/e{epoch}.json"] = {**record("knn_stl10", {"stl10_knn5_top1": knn}, f"{epoch}" * 64),
+                                           "record_version": 3}
+        recs[f"knn_stl10/e{epoch}.json"]["checkpoint"].update(ck)
+        recs[f"linear_stl10/e{epoch}.json"] = {**record("linear_in100", {"stl10_linear_top1": lin}, f"{epoch}" * 64,
+                                                        probe="linear:fast"), "task": "linear_stl10"}
+        recs[f"linear_stl10/e{epoch}.json"]["checkpoint"].update(ck)
+    write_records(tmp_path, recs)
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    plots = tmp_path / "tables" / "plots"
+    assert (plots / "epochs_knn.png").read_bytes().startswith(b"\x89PNG")
+    assert (plots / "epochs_linear.png").read_bytes().startswith(b"\x89PNG")
+    knn = read_rows(tmp_path / "tables" / "knn.csv")
+    assert {r["checkpoint"] for r in knn} == {f"demo/backbone_epoch{e:04d}.pth" for e in (1, 2, 10)}
+    without = write_records(tmp_path / "plain", {"knn_stl10/a.json": record("knn_stl10", {"stl10_knn5_top1": 1.0},
+                                                                            "a" * 64)})
+    assert report_cli(["--records", str(without)]) == 0
+    assert not list((without / "tables" / "plots").glob("epochs_*.png"))
+
+
+def test_vit_records_keep_family_and_tap_and_are_marked_beside_resnet_rows(tmp_path, capsys):
+    vit = {**record("knn_stl10", {"in1k_knn20_top1": 74.5, "in1k_knn200_top1": 72.0}, "v" * 64,
+                    path="/zoo/dino_deitsmall16_pretrain.pth", probe="knn:npid"), "task": "knn_in1k",
+           "arch": "vit_small_patch16_224", "record_version": 3}
+    vit["probe"]["tap"] = "cls"
+    vit["checkpoint"].update({"family": "vit", "release": "dino"})
+    r50 = {**record("knn_stl10", {"in1k_knn20_top1": 60.0}, "r" * 64, path="/zoo/r50.pth", probe="knn:npid"),
+           "task": "knn_in1k", "arch": "resnet50"}
+    write_records(tmp_path, {"knn_in1k/vit.json": vit, "knn_in1k/r50.json": r50})
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    knn = read_rows(tmp_path / "tables" / "knn.csv")
+    assert {(r["checkpoint"], r["family"], r["tap"]) for r in knn} == {
+        ("dino_deitsmall16_pretrain.pth", "vit", "cls"), ("r50.pth", "resnet", "")}
+    t4 = read_rows(tmp_path / "tables" / "table4.csv")
+    assert cell(t4, "dino_deitsmall16_pretrain.pth [vit]", "in1k_knn20_top1")["ours_mean"] == "74.5000"
+    assert cell(t4, "r50.pth", "in1k_knn20_top1")["ours_mean"] == "60.0000"  # a ResNet is not marked
+    md = (tmp_path / "tables" / "table4.md").read_text()
+    assert ("dino_deitsmall16_pretrain.pth [vit]: a vit encoder (vit_small_patch16_224), another architecture than "
+            "the table's resnet50 rows") in md
+
+
+def test_a_row_of_its_own_measured_with_another_protocol_carries_a_footnote(tmp_path, capsys):
+    npid = record("knn_stl10", {"stl10_knn5_top1": 50.0}, "t" * 64, path="/zoo/third_party.pth", probe="knn:npid")
+    fast = record("linear_in100", {"in100_linear_top1": 60.0}, "t" * 64, path="/zoo/third_party.pth",
+                  probe="linear:fast")
+    wmse = record("knn_stl10", {"stl10_knn5_top1": 45.0}, "u" * 64, path="/zoo/other.pth")
+    write_records(tmp_path, {"knn_stl10/a.json": npid, "linear_in100/b.json": fast, "knn_stl10/c.json": wmse})
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "tables" / "table1.csv")
+    assert cell(rows, "third_party.pth [knn:npid]", "stl10_knn5_top1")["ours_mean"] == "50.0000"
+    assert cell(rows, "third_party.pth [linear:fast]", "in100_linear_top1")["ours_mean"] == "60.0000"
+    assert cell(rows, "other.pth", "stl10_knn5_top1")["ours_mean"] == "45.0000"  # Table 1's protocol: no mark
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert ("- third_party.pth [knn:npid]: measured with knn:npid; the paper's cells of this table were measured "
+            "with knn:wmse, so the numbers do not compare") in md
+    assert "- third_party.pth [linear:fast]: measured with linear:fast; the paper's cells of this table were " \
+           "measured with linear:wmse" in md
+    assert "other.pth:" not in md
+
+
+def test_lambda_grid_without_records_draws_nothing_and_says_so(tmp_path, capsys):
+    write_records(tmp_path, {"knn_stl10/a.json": record("knn_stl10", {"stl10_knn5_top1": 1.0}, "a" * 64)})
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    assert "Table 11's λ grid: no records (nothing drawn)" in capsys.readouterr().out
+    assert not (tmp_path / "tables" / "plots" / "table11_lambda_grid.png").exists()
+
+
+def test_trials_of_a_record_give_mean_and_std_over_n(tmp_path, capsys):
+    trials = [{"seed": s, "metrics": {"in100_linear_top1": v}} for s, v in enumerate((79.0, 80.0, 84.0))]
+    rec = {**record("linear_in100", {"in100_linear_top1": 81.0}, "a" * 64, MSBREG_K4, path="/runs/k4/backbone.pth"),
+           "record_version": 3, "trials": trials, "metrics_std": {"in100_linear_top1": 2.6458}}
+    write_records(tmp_path, {"linear_in100/a.json": rec})
+    assert report_cli(["--records", str(tmp_path)]) == 0
+    c = cell(read_rows(tmp_path / "tables" / "table1.csv"), "MSBReg K=4", "in100_linear_top1")
+    assert (c["ours_mean"], c["ours_std"], c["n"]) == ("81.0000", f"{math.sqrt(7):.4f}", "3")
+    linear = (tmp_path / "tables" / "linear.md").read_text()
+    assert f"81.00 ± {math.sqrt(7):.2f} (n=3)" in linear
+
+
+def test_a_record_of_version_2_is_the_same_run_as_a_new_command_on_its_checkpoint(tmp_path):
+    from results.record import finished_runs, make_run_key, read_record, run_key_text
+
+    protocol = {"k": {"value": [5], "source": "paper"}, "temperature": {"value": 0.07, "source": "NPID"}}
+    old = {**record("knn_stl10", {"stl10_knn5_top1": 30.0}, "b" * 64), "protocol": protocol, "seed": 0}
+    path = write_records(tmp_path, {"knn_stl10/r18__20260101-000000.json": old}) / "records" / "knn_stl10" / \
+        "r18__20260101-000000.json"
+    assert read_record(path)["record_version"] == 2
+    same = make_run_key(checkpoint_id="b" * 64, task="knn_stl10", protocol_values={"k": (5,), "temperature": 0.07},
+                        seeds=[0], demo=False, selection={"arch": None, "settings": {}})
+    assert finished_runs(tmp_path) == {run_key_text(same): path}
+    for other in (dict(seeds=[1]), dict(demo=True), dict(protocol_values={"k": (20,), "temperature": 0.07}),
+                  dict(checkpoint_id="c" * 64), dict(selection={"ckpt_key": "teacher"})):
+        key = make_run_key(**{**dict(checkpoint_id="b" * 64, task="knn_stl10", seeds=[0], demo=False,
+                                     protocol_values={"k": (5,), "temperature": 0.07}), **other})
+        assert run_key_text(key) not in finished_runs(tmp_path), other
