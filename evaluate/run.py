@@ -118,6 +118,23 @@ def select_tasks(spec: str):
     return [TASKS[n] for n in names]
 
 
+def supported_tasks(tasks, resolved, checkpoint, all_tasks, say):
+    """The tasks the encoder's family supports: `--task all` skips the others with the family's sentence; a
+    named unsupported task stops the run with it."""
+    from backbones.families import unsupported
+
+    kept = []
+    for t, r in zip(tasks, resolved):
+        why = unsupported(checkpoint, t.requires)
+        if why is None:
+            kept.append((t, r))
+        elif all_tasks:
+            say(f"--task all: skipping {t.name}: {why}")
+        else:
+            raise UserError(f"{t.name}: {why}")
+    return [t for t, _ in kept], [r for _, r in kept]
+
+
 def parse_overrides(items, tasks):
     from core.settings import keys, split_assignments, unknown_key
 
@@ -199,6 +216,7 @@ def main(argv=None) -> int:
     model, checkpoint, arch = make_encoder(args.ckpt, args.arch, args.seed, args.ckpt_format, args.ckpt_part,
                                            args.ckpt_key, settings)
     describe_checkpoint(checkpoint, arch, device, say)
+    tasks, resolved = supported_tasks(tasks, resolved, checkpoint, args.task == "all", say)
     ctx = RunContext(model, checkpoint, arch, data_root, device, args.seed, args.demo, args.out, args.resume, say,
                      rank, world, args.device)
     command = "evaluate/run.py " + " ".join(sys.argv[1:] if argv is None else argv)

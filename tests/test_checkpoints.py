@@ -109,5 +109,5 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_non_resnet_is_refused(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(384, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(3, 3)},
                tmp_path / "vit.pth")
-    with pytest.raises(UserError, match="holds no ResNet in a known naming scheme"):
+    with pytest.raises(UserError, match="holds no complete ViT"):
         load_checkpoint(tmp_path / "vit.pth")
