@@ -55,7 +55,7 @@ class ViTSpec:
     depth: int
     patch: int
     in_chans: int
-    mlp_hidden: int
+    mlp_hidden: int  # out features of fc1 (SwiGLU: both halves, gate and value)
     swiglu: bool  # DINOv2 giant: SwiGLU feed-forward (w12 / w3, timm's SwiGLUPacked)
     layerscale: bool  # ls1.gamma / ls2.gamma
     qkv_bias: bool
@@ -98,14 +98,16 @@ def analyse(state: dict):
     if fc1 is None:
         return None, ["no feed-forward layer in block 0 (mlp.fc1 / mlp.w12)"]
     swiglu = "blocks.0.mlp.fc2.weight" in state and state["blocks.0.mlp.fc2.weight"].shape[1] * 2 == fc1.shape[0]
-    hidden = fc1.shape[0] // 2 if swiglu else fc1.shape[0]
+    hidden = fc1.shape[0]
     class_token = "cls_token" in state
     reg = state["reg_token"].shape[1] if "reg_token" in state else 0
     tokens = state["pos_embed"].shape[1]
-    prefix = 1 if class_token and not reg and int(math.isqrt(tokens - 1)) ** 2 == tokens - 1 else 0
-    side = math.isqrt(tokens - prefix)
-    if side * side != tokens - prefix:
+    # rows before the patches' (timm: class and register tokens, unless no_embed_class), or none
+    prefix = next((p for p in (int(class_token) + reg, 0) if tokens > p and math.isqrt(tokens - p) ** 2 == tokens - p),
+                  None)
+    if prefix is None:
         return None, [f"position embedding of {tokens} tokens is no square grid"]
+    side = math.isqrt(tokens - prefix)
     spec = ViTSpec(dim, len(blocks), patch, in_chans, hidden, swiglu, "blocks.0.ls1.gamma" in state,
                    "blocks.0.attn.qkv.bias" in state, class_token, reg, (side, side), prefix,
                    "patch_embed.proj.bias" in state)
@@ -126,9 +128,10 @@ def build_vit(spec: ViTSpec, heads: int, img_size=224, device=None, drop_path_ra
 
     kwargs = dict(img_size=img_size, patch_size=spec.patch, in_chans=spec.in_chans, num_classes=0,
                   embed_dim=spec.embed_dim, depth=spec.depth, num_heads=heads,
-                  mlp_ratio=spec.mlp_hidden / spec.embed_dim, qkv_bias=spec.qkv_bias,
+                  mlp_ratio=(spec.mlp_hidden + 0.5) / spec.embed_dim, qkv_bias=spec.qkv_bias,
                   init_values=1.0 if spec.layerscale else None, class_token=spec.class_token,
-                  reg_tokens=spec.reg_tokens, no_embed_class=spec.pos_prefix == 0 and spec.class_token,
+                  reg_tokens=spec.reg_tokens, no_embed_class=spec.pos_prefix == 0 and (spec.class_token or
+                                                                                       spec.reg_tokens > 0),
                   norm_layer=partial(nn.LayerNorm, eps=LN_EPS), drop_path_rate=drop_path_rate,
                   global_pool="token" if spec.class_token else "avg")
     if spec.swiglu:

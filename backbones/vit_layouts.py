@@ -64,7 +64,9 @@ class ViTCandidate:
 
     @property
     def location(self):
-        return "/".join(self.parts) or "(top level)"
+        """'container/path/prefix' without the prefix's last dot, as for ResNets (what --ckpt-key names)."""
+        parts = [str(c) for c in self.container] + ([self.prefix[:-1]] if self.prefix else [])
+        return "/".join(parts) or "(top level)"
 
     @property
     def parameters(self):
@@ -92,8 +94,7 @@ def to_timm(under: dict):
     if "register_tokens" in out:
         reg = out.pop("register_tokens")
         out["reg_token"] = reg
-        if "cls_token" in out and "pos_embed" in out and is_tensor(out["pos_embed"]) and \
-                hasattr(out["pos_embed"], "__getitem__"):
+        if "cls_token" in out and "pos_embed" in out:
             pos = out["pos_embed"]
             if hasattr(pos, "dim"):  # real tensors (not shapes only)
                 out["cls_token"] = out["cls_token"] + pos[:, :1]
@@ -154,10 +155,13 @@ def recognise(obj, fits, path: Path):
                          "module.predictor): the base encoder is evaluated (main_lincls.py)"
     if any(k.startswith("decoder") for c in fits for k in _container(obj, c.container) if isinstance(k, str)):
         return "mae", "MAE's pretraining checkpoint (decoder_*, mask_token beside the encoder)"
-    if any(c.spec.reg_tokens or (c.spec.layerscale and c.spec.patch == 14 and c.spec.pos_grid == (37, 37))
-           for c in fits):
-        return "dinov2", "DINOv2's layout (patch 14, position embeddings for 518 px, LayerScale" + \
-            (", registers" if any(c.spec.reg_tokens for c in fits) else "") + ")"
+    for c in fits:
+        held = _container(obj, c.container)
+        dinov2_names = c.prefix + "register_tokens" in held or c.prefix + "mask_token" in held
+        if dinov2_names and c.spec.layerscale and c.spec.patch == 14:
+            return "dinov2", "DINOv2's layout (patch 14, position embeddings for " + \
+                f"{c.spec.pos_grid[0] * 14} px, LayerScale, mask_token" + \
+                (", register_tokens" if c.spec.reg_tokens else "") + ")"
     for c in fits:
         if _table_matches(c, sincos_mocov3):
             return "mocov3", "MoCo v3's fixed 2-D sin-cos position table (vits.py), as in its DeiT conversion"
