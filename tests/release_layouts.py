@@ -771,6 +771,36 @@ def detectron2_pkl(tmp, arch="resnet18"):
                                                    "scheme": "detectron2"})
 
 
+def moco_convert_to_detectron2(state_dict):
+    """facebookresearch/moco detection/convert-pretrain-to-detectron2.py, its renaming rules applied in order."""
+    model = {}
+    for k, v in state_dict.items():
+        if not k.startswith("module.encoder_q."):
+            continue
+        k = k.replace("module.encoder_q.", "")
+        if "layer" not in k:
+            k = "stem." + k
+        for t in (1, 2, 3, 4):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[k] = v.numpy()
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def detectron2_pkl_mocov2(tmp, arch="resnet18"):
+    """A MoCo v2 checkpoint (MLP head, --mlp) through MoCo's converter: the head becomes stem.fc.0 / stem.fc.2."""
+    model = nn.DataParallel(MoCo(arch))
+    path = tmp / "moco_v2_800ep.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(moco_convert_to_detectron2(model.state_dict()), f)
+    q = copy.deepcopy(model.module.encoder_q)
+    q.fc = nn.Identity()
+    return Saved(path, q, backbone_tensors(q), {"format": "detectron2", "key": "model", "scheme": "detectron2",
+                                                 "dropped": {"model.stem": 4}})
+
+
 def detectron2_pth(tmp, arch="resnet18"):
     tv = torchvision_resnet(arch, 26, fc=False)
     model = {"backbone.bottom_up." + torchvision_to_detectron2_key(k): v for k, v in tv.state_dict().items()
@@ -835,6 +865,7 @@ LAYOUTS = {
     "mmselfsup": mmselfsup, "vissl": vissl, "pycontrast": pycontrast, "obow": obow_feature_extractor,
     "obow-full": obow_full, "timm-resnet18d": timm_deep_stem, "w-mse": w_mse,
     "w-mse-byol": lambda tmp: w_mse(tmp, byol=True), "detectron2-pkl": detectron2_pkl,
+    "detectron2-pkl-mocov2": detectron2_pkl_mocov2,
     "detectron2-pth": detectron2_pth,
 }
 RESNET50_LAYOUTS = {"simclr-v1": simclr_v1, "simclr-v2": simclr_v2,
