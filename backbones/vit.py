@@ -227,6 +227,7 @@ class ViTEncoder(nn.Module):
         self._grid = None
         self.vit.patch_embed.strict_img_size = False
         self.set_grid(tuple(vit.patch_embed.grid_size))
+        use_fused_attention(self.vit)
 
     @property
     def patch(self) -> int:
@@ -286,6 +287,15 @@ class ViTEncoder(nn.Module):
 
     def forward(self, x):
         return self.features(x, "cls")
+
+
+def use_fused_attention(vit):
+    """timm's attention through PyTorch's fused kernel (F.scaled_dot_product_attention: flash / memory-efficient
+    attention on GPUs) whatever TIMM_FUSED_ATTN says; the math is the same softmax(q k^T / sqrt(d)) v."""
+    if hasattr(F, "scaled_dot_product_attention"):
+        for m in vit.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True
 
 
 class Tap(nn.Module):

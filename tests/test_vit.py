@@ -227,3 +227,28 @@ def test_random_vit_and_unsupported_tasks(tmp_path, capsys, demo_root):
     assert info.describe()["family"] == "vit" and info.load_report is None and info.vit["heads"] == 3
     with pytest.raises(UserError, match="unknown ViT architecture"):
         make_encoder("random", "vit_nope")
+
+
+def test_fused_attention_is_used_and_is_the_same_math():
+    """The encoder's attention runs PyTorch's fused kernel even where timm's default is off; its output equals
+    timm's explicit softmax(q k^T / sqrt(d)) v path."""
+    import timm.layers
+
+    from backbones.vit import use_fused_attention
+
+    timm.layers.set_fused_attn(False)
+    try:
+        model, _, _ = make_encoder("random", "vit_tiny_patch16_224", seed=1)
+    finally:
+        timm.layers.set_fused_attn(True)
+    flags = [m.fused_attn for m in model.vit.modules() if hasattr(m, "fused_attn")]
+    assert flags and all(flags)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+        for m in model.vit.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        explicit = model(x)
+    use_fused_attention(model.vit)
+    assert torch.allclose(fused, explicit, atol=1e-5)
