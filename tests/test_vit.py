@@ -252,3 +252,26 @@ def test_fused_attention_is_used_and_is_the_same_math():
         explicit = model(x)
     use_fused_attention(model.vit)
     assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+def test_inspect_says_what_was_found_and_why(vits, capsys):
+    assert run_cli(["--inspect", str(vits["mocov3-deit"].path)]) == 0
+    out = capsys.readouterr().out
+    assert "ViTs found (1):" in out and "* model  file path model, prefix -, timm names" in out
+    assert "would use: model (the only ViT in the file)" in out
+    assert "release: mocov3" in out and "12 heads (mocov3 defines small with 12)" in out
+    assert "position embeddings: the fixed 2-D sin-cos table rebuilt for the grid" in out
+    assert run_cli(["--inspect", str(vits["dinov2-reg4"].path)]) == 0
+    out = capsys.readouterr().out
+    assert "register_tokens as reg_token" in out and "518 px" in out and "antialias" in out
+    assert run_cli(["--inspect", str(vits["mae-full"].path)]) == 0
+    assert "load: 30 of 30 tensors loaded; unused in the file: decoder 20" in capsys.readouterr().out
+
+
+def test_format_and_settings_overrides(vits):
+    forced = load_checkpoint(vits["timm-head"].path, format_name="dino")
+    assert forced.release == "dino" and forced.vit["pos_rule"] == "dino"
+    with pytest.raises(UserError, match="unknown ViT checkpoint format 'nope'"):
+        load_checkpoint(vits["timm-head"].path, format_name="nope")
+    with pytest.raises(UserError, match="does not divide the width 192"):
+        load_checkpoint(vits["timm-head"].path, settings=resolve_settings({"vit_heads": "5"}))
