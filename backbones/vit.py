@@ -216,8 +216,9 @@ TAPS = ("cls", "cls_last4", "cls+patchmean", "cls_last4+patchmean")
 
 class ViTEncoder(nn.Module):
     """timm's VisionTransformer (`.vit`) whose forward returns the CLS token after the final norm (DINO's and
-    DINOv2's kNN feature). The position embedding follows each input's token grid by the release's rule; inputs
-    whose sides are not multiples of the patch lose their last rows and columns, as a strided convolution does."""
+    DINOv2's kNN feature). The position embedding follows each input's token grid by the release's rule (once
+    trained, from the table it learnt); inputs whose sides are not multiples of the patch lose their last rows and
+    columns, as a strided convolution does. Training sets the grid at its first forward and keeps it."""
 
     def __init__(self, vit, pos_source: torch.Tensor, pos_prefix: int, pos_grid: tuple, rule: str):
         super().__init__()
@@ -225,6 +226,7 @@ class ViTEncoder(nn.Module):
         self.pos_rule = rule
         self._pos_source = (pos_source.detach().float().cpu(), pos_prefix, tuple(pos_grid))
         self._grid = None
+        self._trained = False
         self.vit.patch_embed.strict_img_size = False
         self.set_grid(tuple(vit.patch_embed.grid_size))
         use_fused_attention(self.vit)
@@ -243,6 +245,8 @@ class ViTEncoder(nn.Module):
         if grid == self._grid:
             return
         pos, prefix, old = self._pos_source
+        if self._trained:  # finetuned: the table it learnt, at the grid it learnt it for
+            pos, old = self.vit.pos_embed.detach().float().cpu(), self._grid
         new = resize_pos_embed(pos, prefix, old, grid, self.pos_rule)
         p = self.vit.pos_embed
         p.data = new.to(device=p.device, dtype=p.dtype)
@@ -254,11 +258,13 @@ class ViTEncoder(nn.Module):
 
     def _prepare(self, x):
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        training = self.training and torch.is_grad_enabled()
         if grid != self._grid:
-            if self.training and torch.is_grad_enabled():
-                raise UserError(f"a {tuple(x.shape[-2:])} input needs another token grid than the "
-                                f"{self._grid} the ViT was set for; call set_grid before training")
-            self.set_grid(grid)
+            if training and self.vit.pos_embed.grad is not None:
+                raise UserError(f"a {tuple(x.shape[-2:])} input needs another token grid than the {self._grid} "
+                                "the ViT is being trained at; train at one input size")
+            self.set_grid(grid)  # before the first step: the table is resized once, then learnt at this grid
+        self._trained = self._trained or training
         return x[..., :grid[0] * self.patch, :grid[1] * self.patch]
 
     def block_outputs(self, x, last: int = 1):

@@ -275,3 +275,34 @@ def test_format_and_settings_overrides(vits):
         load_checkpoint(vits["timm-head"].path, format_name="nope")
     with pytest.raises(UserError, match="does not divide the width 192"):
         load_checkpoint(vits["timm-head"].path, settings=resolve_settings({"vit_heads": "5"}))
+
+
+def test_finetuning_keeps_the_grid_it_learns_at_and_drop_path_follows_timm():
+    """Training at 64 px resizes the table once, then learns it; a later grid comes from the learnt table; a grid
+    change mid-training is refused. Drop path: timm's linear rule (block i: rate * i / (depth - 1))."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from backbones.families import rebuild_with_drop_path
+
+    model, _, _ = make_encoder("random", "vit_tiny_patch16_224", seed=2)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.rand(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    learnt = model.vit.pos_embed.detach().clone()
+    assert learnt.shape[1] == 1 + 16
+    with pytest.raises(UserError, match="train at one input size"):
+        model(torch.rand(2, 3, 96, 96))
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64))
+        assert torch.equal(model.vit.pos_embed, learnt)
+        model(torch.rand(1, 3, 32, 32))
+        from timm.layers import resample_abs_pos_embed
+
+        assert torch.allclose(model.vit.pos_embed, resample_abs_pos_embed(learnt, [2, 2], [4, 4]), atol=1e-6)
+    rebuild_with_drop_path(model, 0.1)
+    ref = VisionTransformer(embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.1)
+    ours = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.vit.blocks]
+    theirs = [getattr(b.drop_path1, "drop_prob", 0.0) for b in ref.blocks]
+    assert ours == pytest.approx(theirs)
