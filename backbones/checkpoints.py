@@ -1,4 +1,5 @@
-"""Checkpoint files -> a ResNet backbone, strictly and safely.
+"""Checkpoint files -> an encoder (a ResNet here; a Vision Transformer through `backbones.vit_layouts`), strictly
+and safely.
 
 A file is read without running anything in it (`backbones.reading`), its ResNets are found by structure
 (`backbones.discovery`), one is chosen by the convention of the project that saved it (`backbones.releases`)
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from backbones.load_report import load_report
 from backbones.discovery import (Candidate, distinguishing_part, find_candidates, is_momentum_copy, matches_key,
                                  same_tensors, tensor_dicts)
 from backbones.reading import FileContent, foreign_name, plain, read_file
@@ -32,6 +34,8 @@ class InputSettings:
                                             "its project's code) says the model is a CIFAR one; true or false")
     stem_padding: Optional[int] = setting(None, "auto (none): padding of a 3x3 stem, 2 for solo-learn "
                                                 "(solo/methods/base.py), 1 otherwise (W-MSE model.py); 1 or 2")
+    vit_heads: Optional[int] = setting(None, "auto (none): a ViT's attention heads from its releasing project's "
+                                             "architecture definition (backbones.vit.HEADS); or a number")
 
 
 @dataclass
@@ -47,9 +51,7 @@ class Checkpoint:
     input_normalization: tuple = None  # (mean, std) the weights expect, when not the task protocol's
     notes: dict = field(default_factory=dict)
     pretraining: dict = None  # this suite's pretraining settings, when the checkpoint carries them
-    stem: str = "torchvision"  # backbones.resnet.STEMS
-    maxpool: bool = True
-    stem_padding: int = 1
+    resnet: "ResNetInput" = None  # the ResNet family's input settings (None for other families)
     key: str = None  # location of the chosen ResNet in the file (container path / prefix)
     prefix: str = None
     scheme: str = None
@@ -60,23 +62,56 @@ class Checkpoint:
     candidates: list = field(default_factory=list)  # every fitting ResNet: location, scheme, arch, parameters
     foreign: list = field(default_factory=list)  # classes and functions read as inert placeholders
     settings: dict = field(default_factory=dict)  # --set values that changed how the weights run
+    family: str = "resnet"  # backbones.families.FAMILIES
+    release: str = None  # the releasing project when known (ViTs: dino, ibot, mocov3, mae, dinov2, timm)
+    load_report: dict = None  # backbones.load_report: tensors loaded / expected, unused file tensors by group
+    vit: dict = None  # the ViT family's settings (heads, position rule, token grids), None for other families
+
+    @property
+    def stem(self):
+        return self.resnet.stem if self.resnet else None
+
+    @property
+    def maxpool(self):
+        return self.resnet.maxpool if self.resnet else None
+
+    @property
+    def stem_padding(self):
+        return self.resnet.stem_padding if self.resnet else None
 
     @property
     def cache_id(self) -> str:
-        """What the features of this encoder depend on besides the transform: file, network taken, stem."""
+        """What the features of this encoder depend on besides the transform: file, network taken, and the
+        family's settings (a ResNet's stem; a ViT's heads and position rule)."""
         if not self.sha256:
             return self.path
+        if self.family == "vit":
+            return f"{self.sha256}|{self.key}|vit|{self.vit['heads']}|{self.vit['pos_rule']}"
         return f"{self.sha256}|{self.key}|{self.stem}|{self.maxpool}|{self.stem_padding}"
 
     def describe(self) -> dict:
         """The record's `checkpoint` section."""
-        return {"path": self.path, "sha256": self.sha256, "format": self.format, "project": self.project,
-                "key": self.key, "prefix": self.prefix, "scheme": self.scheme, "arch": self.arch,
-                "part": self.part, "chosen_because": self.chosen_because, "candidates": self.candidates,
-                "stem": self.stem, "maxpool": self.maxpool, "stem_padding": self.stem_padding,
-                "normalization": self.normalization, "input_normalization": self.input_normalization,
-                "dropped": self.dropped, "notes": self.notes, "foreign": self.foreign, "settings": self.settings,
-                "pretraining": self.pretraining}
+        out = {"path": self.path, "sha256": self.sha256, "format": self.format, "project": self.project,
+               "family": self.family, "release": self.release, "load": self.load_report,
+               "key": self.key, "prefix": self.prefix, "scheme": self.scheme, "arch": self.arch,
+               "part": self.part, "chosen_because": self.chosen_because, "candidates": self.candidates}
+        if self.resnet is not None:
+            out.update(stem=self.stem, maxpool=self.maxpool, stem_padding=self.stem_padding)
+        if self.vit is not None:
+            out["vit"] = self.vit
+        out.update({"normalization": self.normalization, "input_normalization": self.input_normalization,
+                    "dropped": self.dropped, "notes": self.notes, "foreign": self.foreign, "settings": self.settings,
+                    "pretraining": self.pretraining})
+        return out
+
+
+@dataclass(frozen=True)
+class ResNetInput:
+    """How a ResNet's stem runs (backbones.resnet.STEMS), where the weights alone may not say."""
+
+    stem: str = "torchvision"
+    maxpool: bool = True
+    stem_padding: int = 1
 
 
 # ---- which ResNet --------------------------------------------------------------------------------------
@@ -89,9 +124,9 @@ def _closest(candidates, limit=3):
 
 def no_resnet_error(path, content: FileContent, candidates) -> UserError:
     if not candidates:
-        return UserError(f"checkpoint {path} holds no ResNet in a known naming scheme (no tensor is named like a "
-                         f"residual block's first convolution; top-level keys: {summarise_keys(content.obj)}); this "
-                         "suite evaluates ResNet encoders")
+        return UserError(f"checkpoint {path} holds no ResNet or ViT in a known naming scheme (no tensor is named "
+                         "like a residual block's first convolution or a patch embedding; top-level keys: "
+                         f"{summarise_keys(content.obj)})")
     return UserError(f"checkpoint {path} holds no complete ResNet; the closest: {_closest(candidates)}")
 
 
@@ -262,10 +297,26 @@ def discover(path, shapes_only=False):
 
 
 def load_checkpoint(path, format_name=None, part=None, key=None, settings: InputSettings = None) -> Checkpoint:
-    """Read `path`, find its ResNets, choose one, and say how to run it. `part` is the older name of `key`."""
+    """Read `path`, find its networks (ResNets, else ViTs), choose one, and say how to run it. `part` is the
+    older name of `key`."""
     if part is not None and key is not None and part != key:
         raise UserError("give --ckpt-key or --ckpt-part, not both")
-    return _resolve(Path(path), *discover(path), format_name, key if key is not None else part, settings)
+    key = key if key is not None else part
+    content, candidates, fits = discover(path)
+    if not fits:
+        from backbones.vit_layouts import find_vits, resolve_vit
+
+        vits = find_vits(content.obj)
+        vit_fits = [c for c in vits if c.fits]
+        if vit_fits:
+            return resolve_vit(Path(path), content, vit_fits, format_name, key, settings)
+        if vits and not candidates:
+            c = vits[0]
+            raise UserError(f"checkpoint {path} holds no complete ViT; the closest: {c.location} "
+                            f"({c.spec.describe() if c.spec else 'timm names'}) lacks {', '.join(c.problems)}")
+    if settings is not None and settings.vit_heads is not None:
+        raise UserError("--set vit_heads applies to ViTs, and this checkpoint holds a ResNet")
+    return _resolve(Path(path), content, candidates, fits, format_name, key, settings)
 
 
 def _resolve(path, content, candidates, fits, format_name, key, settings, with_sha=True) -> Checkpoint:
@@ -281,16 +332,20 @@ def _resolve(path, content, candidates, fits, format_name, key, settings, with_s
     state = {k: v.float() if hasattr(v, "is_floating_point") and v.is_floating_point() else v
              for k, v in chosen.state.items()}
     changed = {k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)}
+    expected = [k for k in chosen.spec.shapes() if not k.endswith("num_batches_tracked")]
+    report = load_report(obj, chosen.container, chosen.prefix, set(chosen.keys), len(expected),
+                         sum(k in chosen.state for k in expected))
     return Checkpoint(
         state_dict=state, path=str(path.resolve()), sha256=sha256_of(path) if with_sha else None,
         format=release.name if release else chosen.scheme.name,
         part=distinguishing_part(chosen, [c for c in fits if c is not chosen]), dropped=dropped_groups(obj, chosen),
-        input_normalization=norm, notes=notes, pretraining=pretraining_settings(path, obj), stem=chosen.spec.stem,
-        maxpool=maxpool, stem_padding=padding, key=chosen.location, prefix=chosen.prefix, scheme=chosen.scheme.name,
+        input_normalization=norm, notes=notes, pretraining=pretraining_settings(path, obj),
+        resnet=ResNetInput(chosen.spec.stem, maxpool, padding), key=chosen.location, prefix=chosen.prefix, scheme=chosen.scheme.name,
         arch=chosen.arch, project=release.project if release else None, chosen_because=why, normalization=norm_text,
         candidates=[{"location": c.location, "scheme": c.scheme.name, "arch": c.arch, "parameters": c.parameters}
                     for c in fits],
-        foreign=content.foreign, settings=changed)
+        foreign=content.foreign, settings=changed, family="resnet", release=release.name if release else None,
+        load_report=report)
 
 
 def pretraining_settings(path: Path, obj) -> dict:
@@ -324,6 +379,8 @@ def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None, 
             raise UserError("--ckpt random has no file: drop --ckpt-format, --ckpt-key and --ckpt-part")
         arch = arch or "resnet50"
         settings = settings or InputSettings()
+        if arch.startswith("vit_"):
+            return _random_vit(arch, seed, settings)
         if settings.stem_padding is not None:
             raise UserError("--set stem_padding applies to 3x3 stems, and a random encoder has torchvision's")
         torch.manual_seed(seed)
@@ -331,14 +388,44 @@ def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None, 
         maxpool = True if settings.maxpool is None else settings.maxpool
         model = build_backbone(arch, stem, maxpool)
         norm, norm_text = _normalization(settings.normalize, None)
-        info = Checkpoint(None, f"random:{arch}:seed{seed}", None, "random", stem=stem, maxpool=maxpool,
+        info = Checkpoint(None, f"random:{arch}:seed{seed}", None, "random", resnet=ResNetInput(stem, maxpool),
                           arch=arch, input_normalization=norm, normalization=norm_text,
                           settings={k: v for k, v in vars(settings).items() if v != getattr(InputSettings(), k)})
     else:
         info = load_checkpoint(ckpt_arg, format_name, part, key, settings)
+        if info.family == "vit":
+            from backbones.vit import encoder_from_state
+            from backbones.vit_layouts import spec_of
+
+            model = encoder_from_state(info.state_dict, spec_of(info), info.vit["heads"], info.vit["pos_rule"])
+            return model.eval(), info, arch or info.arch
         arch = arch or info.arch
         model = build_backbone(arch, info.stem, info.maxpool, info.stem_padding)
         load_into(model, info.state_dict, arch)
+    return model.eval(), info, arch
+
+
+def _random_vit(arch, seed, settings):
+    """timm's randomly initialised `arch`, as a ViTEncoder (its position table resized by timm's rule)."""
+    import torch
+
+    from backbones.vit import random_vit
+
+    if settings.maxpool is not None or settings.stem_padding is not None:
+        raise UserError("--set maxpool and stem_padding apply to ResNets, not to a ViT")
+    model = random_vit(arch, seed)
+    norm, norm_text = _normalization(settings.normalize, None)
+    v = model.vit
+    info = Checkpoint(None, f"random:{arch}:seed{seed}", None, "random", arch=arch, input_normalization=norm,
+                      normalization=norm_text if norm else "ImageNet mean/std (backbones.families.eval_transform)",
+                      settings={k: val for k, val in vars(settings).items() if val != getattr(InputSettings(), k)},
+                      family="vit", release=None,
+                      vit={"heads": v.blocks[0].attn.num_heads, "heads_source": f"timm's {arch}", "ln_eps": 1e-6,
+                           "qkv_bias": v.blocks[0].attn.qkv.bias is not None, "layerscale": not isinstance(
+                               v.blocks[0].ls1, torch.nn.Identity), "registers": v.num_reg_tokens,
+                           "patch": model.patch, "width": v.embed_dim, "depth": len(v.blocks),
+                           "file_grid": list(v.patch_embed.grid_size), "pos_rule": "timm",
+                           "pos_rule_source": "timm's resample_abs_pos_embed (bicubic, antialias)", "renamed": []})
     return model.eval(), info, arch
 
 
@@ -371,6 +458,12 @@ def inspect_lines(path, format_name=None, key=None, settings: InputSettings = No
                      + (" ..." if len(obj) > 20 else ""))
     if content.foreign:
         lines.append("read as inert placeholders (never imported or run): " + ", ".join(content.foreign))
+    if not fits:
+        from backbones.vit_layouts import find_vits, vit_lines
+
+        vits = find_vits(obj)
+        if vits and (any(c.fits for c in vits) or not candidates):
+            return lines + vit_lines(path, content, format_name, key, settings)
     if not fits:
         lines.append("ResNets found: none")
         lines.append(str(no_resnet_error(path, content, candidates)))

@@ -31,6 +31,9 @@ class PooledTrunk(nn.Module):
 
     def __init__(self, backbone: nn.Module, kernel: int, stride: int):
         super().__init__()
+        if hasattr(backbone, "vit"):  # a ViT's tokens are no feature map to average as if they were one
+            raise UserError("the res5 average-pooled feature map is a ResNet's; a ViT gives its CLS token "
+                            "(backbones.families.tap_model), e.g. --set feature=pool")
         self.backbone, self.kernel, self.stride = backbone, kernel, stride
 
     def trunk(self, x):

@@ -79,7 +79,9 @@ def torchvision_to_detectron2_key(key):
 
 def _detectron2(state):
     def rename(k):
-        if not re.match(r"(stem|res[2-5])\.", k):
+        if not re.match(r"(stem|res[2-5])\.", k) or k.startswith("stem.fc."):
+            # MoCo's convert-pretrain-to-detectron2.py prefixes every key without "layer" with "stem.", so a
+            # MoCo v2 file's MLP head is stem.fc.0 / stem.fc.2: a projection head, which Detectron2 ignores too
             return None
         return detectron2_to_torchvision_key(k) or False
 

@@ -143,11 +143,9 @@ def select_tasks(spec: str):
 def supported_tasks(todo, checkpoint, all_tasks, say):
     """The work items [(task, ...)] the encoder's family supports: `--task all` skips the others with the
     family's sentence; a named unsupported task stops the run with it (backbones.families, the encoder-family
-    seam; without it every encoder is a ResNet and every task is supported)."""
-    try:
-        from backbones.families import unsupported
-    except ImportError:
-        return todo
+    seam)."""
+    from backbones.families import unsupported
+
     kept = []
     for item in todo:
         why = unsupported(checkpoint, getattr(item[0], "requires", ()))

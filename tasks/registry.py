@@ -20,6 +20,7 @@ class Task:
     run: Optional[Callable] = None  # run(ctx, protocol) -> tasks.context.TaskOutput
     distributed: Callable = lambda protocol: True  # whether the task runs under torchrun
     presets: dict = field(default_factory=dict)  # published protocols for --set protocol=NAME: {name: {key: (value, source)}}
+    requires: tuple = ("frozen",)  # what it needs of the encoder's family (backbones.families.NEEDS)
 
     @property
     def implemented(self) -> bool:
@@ -48,11 +49,11 @@ def _sgd(name, ds, needs, epochs):
                 presets=linear_sgd.presets(ds))
 
 
-def _semisup(name, measures, subset, protocol):
+def _semisup(name, measures, subset, protocol, requires):
     # Demo: 2 epochs at batch 32 on the demo subsets (24 and 72 images of the 12-class demo tree).
     return Task(name, measures, f"imagenet/, imagenet_subsets/{subset}", "paper §8.2; SimCLR App. B.5", protocol,
                 {**DEMO_PRESETS["imagenet"], "epochs": 2, "train_batch_size": 32},
-                partial(semisup.run, task_name=name))
+                partial(semisup.run, task_name=name), requires=requires)
 
 
 TASKS = {t.name: t for t in [
@@ -60,10 +61,10 @@ TASKS = {t.name: t for t in [
     _linear("linear_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)"),
     _linear("linear_stl10", "stl10", "stl10/stl10_binary/"),
     _semisup("semisup_1pct", "classifier on the frozen encoder from SimCLR's 1% subset, top-1/top-5",
-             "1percent.txt", semisup.SemisupProtocol()),
+             "1percent.txt", semisup.SemisupProtocol(), ("frozen",)),
     _semisup("semisup_10pct", "encoder and classifier finetuned on SimCLR's 10% subset, top-1/top-5",
              "10percent.txt", semisup.SemisupProtocol(metric_prefix="semisup10", train_subset="10percent.txt",
-                                                      epochs=30, lr=0.25, encoder_lr=2.5e-4)),
+                                                      epochs=30, lr=0.25, encoder_lr=2.5e-4), ("finetune",)),
     _knn("knn_in1k", "imagenet", "imagenet/"),
     # The demo ImageNet-100 train split has 180 images, fewer than 200 neighbours.
     _knn("knn_in100", "imagenet100", "imagenet/ (the 100 CMC synsets)", {"k": (5, 20, 100)}),
@@ -74,11 +75,11 @@ TASKS = {t.name: t for t in [
     _sgd("linear_inat18", "inat18", "inat2018/", epochs=84),
     Task("voc_det", "Faster R-CNN R50-C4 finetuning, AP50/AP75/AP on VOC07 test", "VOCdevkit/VOC2007, VOC2012",
          "paper §8.4; MoCo's detection recipe", detection.VocDetProtocol(), detection.VOC_DEMO,
-         partial(detection_run.run, task_name="voc_det")),
+         partial(detection_run.run, task_name="voc_det"), requires=("detection_c4",)),
     Task("align_uniform", "alignment and uniformity of features of two augmented views (Table 12)",
          "imagenet/ (the 100 CMC synsets)", "Wang & Isola 2020; paper Table 12",
          align_uniform.AlignUniformProtocol(), align_uniform.DEMO, align_uniform.run, lambda p: False),
     Task("coco_instseg", "Mask R-CNN R50-FPN finetuning, box and mask AP on val2017", "coco/",
          "paper §8.4, §9", detection.CocoInstsegProtocol(), detection.COCO_DEMO,
-         partial(detection_run.run, task_name="coco_instseg")),
+         partial(detection_run.run, task_name="coco_instseg"), requires=("detection_fpn",)),
 ]}

@@ -771,6 +771,36 @@ def detectron2_pkl(tmp, arch="resnet18"):
                                                    "scheme": "detectron2"})
 
 
+def moco_convert_to_detectron2(state_dict):
+    """facebookresearch/moco detection/convert-pretrain-to-detectron2.py, its renaming rules applied in order."""
+    model = {}
+    for k, v in state_dict.items():
+        if not k.startswith("module.encoder_q."):
+            continue
+        k = k.replace("module.encoder_q.", "")
+        if "layer" not in k:
+            k = "stem." + k
+        for t in (1, 2, 3, 4):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[k] = v.numpy()
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def detectron2_pkl_mocov2(tmp, arch="resnet18"):
+    """A MoCo v2 checkpoint (MLP head, --mlp) through MoCo's converter: the head becomes stem.fc.0 / stem.fc.2."""
+    model = nn.DataParallel(MoCo(arch))
+    path = tmp / "moco_v2_800ep.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(moco_convert_to_detectron2(model.state_dict()), f)
+    q = copy.deepcopy(model.module.encoder_q)
+    q.fc = nn.Identity()
+    return Saved(path, q, backbone_tensors(q), {"format": "detectron2", "key": "model", "scheme": "detectron2",
+                                                 "dropped": {"model.stem": 4}})
+
+
 def detectron2_pth(tmp, arch="resnet18"):
     tv = torchvision_resnet(arch, 26, fc=False)
     model = {"backbone.bottom_up." + torchvision_to_detectron2_key(k): v for k, v in tv.state_dict().items()
@@ -835,7 +865,311 @@ LAYOUTS = {
     "mmselfsup": mmselfsup, "vissl": vissl, "pycontrast": pycontrast, "obow": obow_feature_extractor,
     "obow-full": obow_full, "timm-resnet18d": timm_deep_stem, "w-mse": w_mse,
     "w-mse-byol": lambda tmp: w_mse(tmp, byol=True), "detectron2-pkl": detectron2_pkl,
+    "detectron2-pkl-mocov2": detectron2_pkl_mocov2,
     "detectron2-pth": detectron2_pth,
 }
 RESNET50_LAYOUTS = {"simclr-v1": simclr_v1, "simclr-v2": simclr_v2,
                     "timm-resnet50d": lambda tmp: timm_deep_stem(tmp, "resnet50d")}
+
+
+# ==== Vision Transformers ==================================================================================
+# The projects' ViTs use timm's module names (DINO's and iBOT's vision_transformer.py, MAE's models_mae.py and
+# MoCo v3's vits.py build on timm's Block / VisionTransformer; DINOv2's blocks are named alike), so their backbones
+# are built here from timm modules with each project's arguments, inside each project's wrappers, and saved with
+# each project's save call. `ViTSaved.reference` says how the project would run the evaluated backbone: timm's
+# VisionTransformer with the project's arguments (`timm_kwargs`) and the project's position rule (`pos_rule`),
+# which tests/test_vit.py writes out on its own.
+
+@dataclass
+class ViTSaved:
+    path: object
+    tensors: dict  # the evaluated backbone as the project's model holds it (DINOv2: its own names)
+    timm_kwargs: dict  # timm VisionTransformer arguments of the project's architecture (heads, eps, ...)
+    pos_rule: str  # dino | dinov2 | dinov2-reg | mae | mocov3 | timm
+    expect: dict = field(default_factory=dict)  # Checkpoint attributes the loader must report
+    unused: dict = field(default_factory=dict)  # the load report's unused groups
+
+
+def timm_vit(seed, embed_dim=192, depth=4, num_heads=3, patch_size=16, img_size=224, **kwargs):
+    """timm's VisionTransformer with random weights (LayerNorms and LayerScale perturbed: a mix-up would show)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    kwargs.setdefault("num_classes", 0)
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", ".gamma")) or name == "cls_token":
+                p.add_(torch.randn_like(p) * 0.2)
+            if name == "pos_embed":
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _vit_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+def _kwargs(heads, **more):
+    return {"num_heads": heads, **more}
+
+
+def timm_with_head(tmp):
+    model = timm_vit(40, num_classes=10)
+    path = tmp / "vit_tiny_patch16_224.pth"
+    torch.save(model.state_dict(), path)
+    return ViTSaved(path, _vit_state(model), _kwargs(3), "timm",
+                    {"release": "timm", "family": "vit", "key": "(top level)"}, {"heads": 2})
+
+
+def timm_safetensors(tmp):
+    from safetensors.torch import save_file
+
+    model = timm_vit(41, embed_dim=384, num_heads=6, patch_size=8)
+    path = tmp / "vit_small_patch8_224.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return ViTSaved(path, _vit_state(model), _kwargs(6), "timm", {"release": "timm", "arch": "vit_small_patch8"})
+
+
+def timm_registers(tmp):
+    """timm's registers: reg_token, no_embed_class (the position table holds patches only), LayerScale."""
+    model = timm_vit(42, embed_dim=384, num_heads=6, patch_size=14, img_size=98, reg_tokens=4, no_embed_class=True,
+                     init_values=1e-5)
+    path = tmp / "vit_small_patch14_reg4.pth"
+    torch.save(model.state_dict(), path)
+    return ViTSaved(path, _vit_state(model), _kwargs(6, reg_tokens=4, no_embed_class=True, init_values=1e-5), "timm",
+                    {"release": "timm", "arch": "vit_small_patch14_reg4"})
+
+
+# ---- DINO (facebookresearch/dino main_dino.py; utils.MultiCropWrapper, DINOHead; utils.save_on_master) --------
+
+def dino_vit_backbone_only(tmp):
+    """dino_deitsmall16_pretrain.pth: the teacher's backbone, flat, DINO's ViT-S/16 (6 heads)."""
+    model = timm_vit(43, embed_dim=384, num_heads=6)
+    path = tmp / "dino_deitsmall16_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    return ViTSaved(path, _vit_state(model), _kwargs(6), "dino", {"release": "dino", "key": "(top level)"})
+
+
+def _dino_like(tmp, seed, loss_key, masked_embed=False, embed_dim=384, heads=6):
+    teacher = MultiCropWrapper(timm_vit(seed, embed_dim=embed_dim, num_heads=heads), DINOHead(embed_dim))
+    student_vit = perturbed(timm_vit(seed, embed_dim=embed_dim, num_heads=heads))
+    if masked_embed:  # iBOT's student: VisionTransformer(masked_im_modeling=True) holds masked_embed
+        student_vit.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
+    student = nn.DataParallel(MultiCropWrapper(student_vit, DINOHead(embed_dim)))  # DDP: module.
+    regularized = [p for n, p in student.named_parameters() if not n.endswith(".bias") and p.ndim > 1]
+    not_regularized = [p for n, p in student.named_parameters() if n.endswith(".bias") or p.ndim == 1]
+    opt = torch.optim.AdamW([{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}])
+    loss = nn.Module()
+    loss.register_buffer("center", torch.zeros(1, 96))
+    if loss_key == "ibot_loss":
+        loss.register_buffer("center2", torch.zeros(1, 1, 96))
+    args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=96, use_fp16=True, lr=0.0005, epochs=100)
+    save = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
+            "epoch": 100, "args": args, loss_key: loss.state_dict(),
+            "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
+    path = tmp / "checkpoint.pth"
+    torch.save(save, path)  # utils.save_on_master: torch.save on rank 0
+    return path, teacher, student
+
+
+def dino_vit_full(tmp):
+    path, teacher, student = _dino_like(tmp, 44, "dino_loss")
+    n = len(student.state_dict())
+    return ViTSaved(path, _vit_state(teacher.backbone), _kwargs(6), "dino",
+                    {"release": "dino", "key": "teacher/backbone"},
+                    {"heads": len(teacher.head.state_dict()), "ema_teacher_momentum": n, "other": 1})
+
+
+def ibot_full(tmp):
+    path, teacher, student = _dino_like(tmp, 45, "ibot_loss", masked_embed=True)
+    return ViTSaved(path, _vit_state(teacher.backbone), _kwargs(6), "dino",
+                    {"release": "ibot", "key": "teacher/backbone"})
+
+
+def ibot_teacher(tmp, wrapped=True):
+    """checkpoint_teacher.pth: extract_backbone_weights.py --checkpoint_key teacher (flat), or the released file's
+    {'state_dict': ...}."""
+    teacher = MultiCropWrapper(timm_vit(46 + wrapped, embed_dim=768, num_heads=12, depth=2), DINOHead(768))
+    flat = {k[len("backbone."):]: v for k, v in teacher.state_dict().items() if k.startswith("backbone.")}
+    path = tmp / "checkpoint_teacher.pth"
+    torch.save({"state_dict": flat} if wrapped else flat, path)
+    return ViTSaved(path, _vit_state(teacher.backbone), _kwargs(12), "dino",
+                    {"release": "ibot", "key": "state_dict" if wrapped else "(top level)"})
+
+
+# ---- MoCo v3 (facebookresearch/moco-v3 moco/builder.py MoCo_ViT; vits.py; main_moco.py; convert_to_deit.py) ---
+
+def _mocov3_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    layers = []
+    for i in range(num_layers):
+        a = input_dim if i == 0 else mlp_dim
+        b = output_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*layers)
+
+
+def mocov3_sincos(grid, dim, temperature=10000.0):
+    """vits.py build_2d_sincos_position_embedding, with its class-token row of zeros, as a (1, 1 + h*w, dim) table."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                    indexing="ij")
+    pos_dim = dim // 4
+    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
+    return torch.cat([torch.zeros(1, 1, dim), table], dim=1)
+
+
+def mocov3_vit_small(seed, img_size=224):
+    """vits.py vit_small: patch 16, 384 wide, 12 heads (not timm's 6), the fixed sin-cos table (not trained)."""
+    model = timm_vit(seed, embed_dim=384, num_heads=12, depth=4, img_size=img_size, num_classes=256)
+    with torch.no_grad():
+        model.pos_embed.copy_(mocov3_sincos(img_size // 16, 384))
+    return model
+
+
+def mocov3_vit(tmp):
+    class MoCoViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_encoder = mocov3_vit_small(48)
+            self.momentum_encoder = perturbed(mocov3_vit_small(48))
+            hidden = self.base_encoder.head.weight.shape[1]
+            del self.base_encoder.head, self.momentum_encoder.head
+            self.base_encoder.head = _mocov3_mlp(3, hidden, 64, 32)  # the projector (builder.py)
+            self.momentum_encoder.head = _mocov3_mlp(3, hidden, 64, 32)
+            self.predictor = _mocov3_mlp(2, 32, 64, 32, False)
+
+    model = nn.DataParallel(MoCoViT())
+    path = tmp / "checkpoint_0299.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": model.state_dict(),
+                "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+                "scaler": torch.amp.GradScaler("cpu").state_dict()}, path)
+    base = model.module.base_encoder
+    heads = len(base.head.state_dict())
+    return ViTSaved(path, _vit_state(base), _kwargs(12), "mocov3",
+                    {"release": "mocov3", "key": "state_dict/module.base_encoder"},
+                    {"heads": heads + len(model.module.predictor.state_dict()),
+                     "ema_teacher_momentum": len(model.module.momentum_encoder.state_dict())})
+
+
+def mocov3_deit(tmp):
+    """convert_to_deit.py: module.base_encoder.* without head, prefix removed, saved as {'model': ...}."""
+    model = mocov3_vit_small(49)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    path = tmp / "vit-s-300ep.pth.tar"
+    torch.save({"model": sd}, path)
+    return ViTSaved(path, _vit_state(model), _kwargs(12), "mocov3", {"release": "mocov3", "key": "model"})
+
+
+# ---- MAE (facebookresearch/mae models_mae.py MaskedAutoencoderViT; util/misc.py save_model) ----------------
+
+def mae_sincos(grid, dim):
+    """util/pos_embed.py get_2d_sincos_pos_embed(dim, grid, cls_token=True), in numpy as MAE computes it."""
+    gh, gw = np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)
+    g = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid, grid)
+
+    def one(d, pos):
+        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+        omega = 1.0 / 10000 ** omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one(dim // 2, g[0]), one(dim // 2, g[1])], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros([1, dim]), emb], axis=0)).float()[None]
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """models_mae.py: the encoder (cls_token, fixed pos_embed, patch_embed, blocks, norm) and the decoder
+    (decoder_embed, mask_token, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred)."""
+
+    def __init__(self, seed, embed_dim=768, depth=2, heads=12, decoder_dim=64, img_size=224):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        enc = timm_vit(seed, embed_dim=embed_dim, depth=depth, num_heads=heads, img_size=img_size)
+        self.cls_token, self.patch_embed, self.blocks, self.norm = enc.cls_token, enc.patch_embed, enc.blocks, enc.norm
+        self.pos_embed = nn.Parameter(mae_sincos(img_size // 16, embed_dim), requires_grad=False)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(mae_sincos(img_size // 16, decoder_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, 4, 4.0, qkv_bias=True) for _ in range(1)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, 16 * 16 * 3)
+
+
+def _mae_encoder_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+
+
+def mae_full(tmp):
+    model = MaskedAutoencoderViT(50)
+    loss_scaler = torch.amp.GradScaler("cpu")  # util/misc.py NativeScalerWithGradNormCount wraps one
+    args = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True, blr=1.5e-4)
+    to_save = {"model": model.state_dict(), "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+               "epoch": 799, "scaler": loss_scaler.state_dict(), "args": args}
+    path = tmp / "checkpoint-799.pth"
+    torch.save(to_save, path)  # util/misc.py save_on_master
+    decoder = sum(k.startswith("decoder") or k == "mask_token" for k in model.state_dict())
+    return ViTSaved(path, _mae_encoder_state(model), _kwargs(12), "mae", {"release": "mae", "key": "model"},
+                    {"decoder": decoder})
+
+
+def mae_encoder(tmp):
+    """mae_pretrain_vit_base.pth: {'model': the encoder's tensors}."""
+    model = MaskedAutoencoderViT(51)
+    path = tmp / "mae_pretrain_vit_base.pth"
+    torch.save({"model": _mae_encoder_state(model)}, path)
+    return ViTSaved(path, _mae_encoder_state(model), _kwargs(12), "mae", {"release": "mae", "key": "model"})
+
+
+# ---- DINOv2 (facebookresearch/dinov2 dinov2/models/vision_transformer.py DinoVisionTransformer; hub) ----------
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2's backbone: cls_token, pos_embed for 518 px (37 x 37 + 1), register_tokens, mask_token, patch_embed,
+    blocks with LayerScale ls1/ls2 (init_values 1.0 in the hub models), norm; head Identity."""
+
+    def __init__(self, seed, embed_dim=384, depth=4, heads=6, registers=0, swiglu=False):
+        super().__init__()
+        from timm.layers import SwiGLUPacked
+
+        kw = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * 2.6667) if swiglu else {}
+        v = timm_vit(seed, embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=14, img_size=518,
+                     init_values=1.0, **kw)
+        self.cls_token, self.pos_embed, self.patch_embed, self.norm = v.cls_token, v.pos_embed, v.patch_embed, v.norm
+        self.register_tokens = nn.Parameter(torch.randn(1, registers, embed_dim)) if registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.blocks = v.blocks
+        if swiglu:  # SwiGLUFFNFused: w12 (both halves), w3
+            for b in self.blocks:
+                b.mlp.w12, b.mlp.w3 = b.mlp.fc1, b.mlp.fc2
+                del b.mlp.fc1, b.mlp.fc2
+        self.head = nn.Identity()
+
+
+def dinov2(tmp, registers=0, swiglu=False):
+    model = DinoVisionTransformer(52 + registers, registers=registers, swiglu=swiglu)
+    name = f"dinov2_vits14{'_reg4' if registers else ''}_pretrain.pth"
+    path = tmp / name
+    torch.save(model.state_dict(), path)  # the hub files: the backbone's state_dict
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ViTSaved(path, tensors, _kwargs(6, init_values=1.0), "dinov2-reg" if registers else "dinov2",
+                    {"release": "dinov2", "key": "(top level)"}, {"other": 1})
+
+
+VIT_LAYOUTS = {
+    "timm-head": timm_with_head, "timm-safetensors": timm_safetensors, "timm-registers": timm_registers,
+    "dino-backbone": dino_vit_backbone_only, "dino-full": dino_vit_full, "ibot-full": ibot_full,
+    "ibot-teacher": ibot_teacher, "ibot-teacher-flat": lambda tmp: ibot_teacher(tmp, wrapped=False),
+    "mocov3": mocov3_vit, "mocov3-deit": mocov3_deit, "mae-full": mae_full, "mae-encoder": mae_encoder,
+    "dinov2": dinov2, "dinov2-reg4": lambda tmp: dinov2(tmp, registers=4),
+    "dinov2-swiglu": lambda tmp: dinov2(tmp, swiglu=True),
+}

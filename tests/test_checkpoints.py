@@ -13,8 +13,10 @@ from core.cli import UserError
 
 @pytest.fixture(scope="module")
 def r18_state():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18().state_dict()
+    """Random weights with non-trivial BatchNorm statistics, so that a tensor left at its initial value shows."""
+    from tests.release_layouts import torchvision_resnet
+
+    return torchvision_resnet("resnet18", 0).state_dict()
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "wide_resnet50_2"])
@@ -22,19 +24,56 @@ def test_infer_arch(arch):
     assert infer_arch(torchvision.models.get_model(arch).state_dict()) == arch
 
 
-@pytest.mark.parametrize("arch, stem", [("resnet18d", "deep"), ("resnet50c", "deep"), ("resnet50x2", "torchvision"),
-                                        ("resnet34", "3x3")])
-def test_arch_and_stem_from_shapes_alone(arch, stem):
-    """timm's deep stems and widened ResNets (stem included) are told apart by shapes, and rebuilt exactly."""
+@pytest.mark.parametrize("arch", ["resnet18d", "resnet50c"])
+def test_timm_deep_stems_from_shapes_alone(arch):
+    """timm's deep stems are told apart by shapes, and rebuilt as timm's own model: same weights, same outputs."""
     import timm
 
     from backbones.resnet import analyse, build_backbone
 
-    model = timm.create_model(arch, num_classes=0) if arch[-1] in "cd" else build_backbone(arch, stem)
-    spec, problems = analyse({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
-    assert (spec.arch, spec.stem, problems) == (arch, stem, [])
-    rebuilt = build_backbone(arch, stem)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, num_classes=0).eval()
+    spec, problems = analyse(ref.state_dict())
+    assert (spec.arch, spec.stem, problems) == (arch, "deep", [])
+    ours = build_backbone(arch, "deep").eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_small_image_stem_is_w_mse_s():
+    """resnet34 with the 3x3 stem against torchvision's resnet34 whose conv1 is replaced as W-MSE's model.py does
+    (Conv2d(3, 64, 3, stride 1, padding 1, bias False), max-pool kept): same weights, same outputs."""
+    from backbones.resnet import analyse, build_backbone
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet34()
+    ref.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    ref.fc = torch.nn.Identity()
+    ref.eval()
+    spec, problems = analyse(ref.state_dict())
+    assert (spec.arch, spec.stem, problems) == ("resnet34", "3x3", [])
+    ours = build_backbone("resnet34", "3x3").eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_widened_resnet_matches_simclrs_size():
+    """resnet50x2 / x4 (every width multiplied, the stem's included) have SimCLR's 94M / 375M parameters (SimCLR
+    Figure 7 and Table 6, counted without the classifier, as its 24M for ResNet-50 shows)."""
+    from backbones.resnet import analyse, build_backbone
+
+    with torch.device("meta"):
+        for arch, millions in (("resnet50", 24), ("resnet50x4", 375)):
+            n = sum(p.numel() for p in build_backbone(arch).parameters())
+            assert round(n / 1e6) == millions, (arch, n)
+        model = build_backbone("resnet50x2")
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 94
+    spec, problems = analyse({k: v for k, v in model.state_dict().items()})
+    assert (spec.arch, spec.stem, spec.stem_width, problems) == ("resnet50x2", "torchvision", 128, [])
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
@@ -46,10 +85,12 @@ def test_torchvision_state_dict_loads_identically(tmp_path, r18_state, wrap, suf
     assert arch == "resnet18" and info.format == "torchvision"
     assert info.dropped == ({"fc": 2} if wrap is None else {f"{wrap}.fc": 2})
     assert info.key == ("(top level)" if wrap is None else wrap) and info.prefix == "" and info.scheme == "torchvision"
-    got = model.state_dict()
-    for k, v in r18_state.items():
-        if not k.startswith("fc."):
-            assert torch.equal(got[k], v), k
+    ref = torchvision.models.resnet18()
+    ref.load_state_dict(r18_state)
+    ref.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))  # torchvision's own model with the same weights
 
 
 def test_safetensors(tmp_path, r18_state):
@@ -109,5 +150,5 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_non_resnet_is_refused(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(384, 3, 16, 16), "blocks.0.attn.qkv.weight": torch.zeros(3, 3)},
                tmp_path / "vit.pth")
-    with pytest.raises(UserError, match="holds no ResNet in a known naming scheme"):
+    with pytest.raises(UserError, match="holds no complete ViT"):
         load_checkpoint(tmp_path / "vit.pth")

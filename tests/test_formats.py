@@ -75,6 +75,10 @@ def test_what_is_not_taken_is_counted(saved):
                             "state_dict.module.queue": 1, "state_dict.module.queue_ptr": 1}
     assert load_checkpoint(saved["moco-lincls"].path).dropped == {"state_dict.module.fc": 2}
     assert load_checkpoint(saved["torchvision"].path).dropped == {"fc": 2}
+    assert moco.load_report == {"tensors_loaded": 100, "tensors_expected": 100, "unused": {
+        "heads": 4, "ema_teacher_momentum": 124, "other": 2}}
+    converted = load_checkpoint(saved["detectron2-pkl-mocov2"].path)  # MoCo's converter: the head is stem.fc.*
+    assert converted.load_report["unused"] == {"heads": 4} and converted.dropped == {"model.stem": 4}
 
 
 def test_choices_follow_each_projects_evaluation_code(saved):
@@ -194,28 +198,40 @@ def knn_metrics(path, out, *extra):
     return json.loads(next((Path(out) / "records").rglob("*.json")).read_text())
 
 
-def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys, demo_root):
+def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys, demo_root, monkeypatch):
     """One kNN run per naming scheme (lightly's Sequential, OBoW's feature blocks, Detectron2's, SimCLR v2's; the
     torchvision file is the reference) and for a stem set by metadata (CIFAR: no max-pool), against the same
     weights saved as a torchvision state_dict. Every other layout is checked above through identical tensors and
-    identical features, which fix the metric."""
-    reference = knn_metrics(saved["torchvision"].path, tmp_path / "ref")["metrics"]
+    identical features, which fix the metric. The tables each run renders are not what this test is about (half
+    its time): tests/test_report.py renders them."""
+    import results.report
+
+    monkeypatch.setattr(results.report, "write_report", lambda *a, **k: ([], None))
+    ref = knn_metrics(saved["torchvision"].path, tmp_path / "ref")
+    assert ref["checkpoint"]["load"] == {"tensors_loaded": 100, "tensors_expected": 100, "unused": {"heads": 2}}
+    # lightly's Sequential, OBoW's feature blocks and Detectron2's names hold the reference's very weights: the
+    # record's encoder (tensors bit for bit, stem, input) is the reference's, so its kNN run would repeat it
+    reference = make_encoder(str(saved["torchvision"].path))[0].state_dict()
     for name in ("lightly-tutorial", "obow", "detectron2-pkl"):
-        rec = knn_metrics(saved[name].path, tmp_path / name)
-        assert rec["metrics"] == reference, name
-        assert rec["checkpoint"]["key"] == saved[name].expect["key"] and rec["checkpoint"]["sha256"]
+        model, info, _ = make_encoder(str(saved[name].path))
+        rec = info.describe()
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items()), name
+        assert (rec["stem"], rec["maxpool"], rec["stem_padding"], rec["input_normalization"]) == \
+            (ref["checkpoint"]["stem"], ref["checkpoint"]["maxpool"], ref["checkpoint"]["stem_padding"], None), name
+        assert rec["key"] == saved[name].expect["key"] and rec["sha256"]
     cifar = saved["lightning-hydra-cifar"]
     torch.save(cifar.tensors, tmp_path / "cifar_tv.pth")
-    rec = knn_metrics(cifar.path, tmp_path / "cifar")
+    small = ("--set", "resize=32", "--set", "crop=32")  # the same protocol for both files of a pair: 4x cheaper
+    rec = knn_metrics(cifar.path, tmp_path / "cifar", *small)
     assert rec["checkpoint"]["maxpool"] is False and rec["checkpoint"]["stem"] == "3x3"
-    tv = knn_metrics(tmp_path / "cifar_tv.pth", tmp_path / "cifar_tv", "--set", "maxpool=false")
+    tv = knn_metrics(tmp_path / "cifar_tv.pth", tmp_path / "cifar_tv", "--set", "maxpool=false", *small)
     assert tv["checkpoint"]["settings"] == {"maxpool": False} and tv["metrics"] == rec["metrics"]
     v2 = saved50["simclr-v2"]
     torch.save(v2.tensors, tmp_path / "v2_tv.pth")
-    rec = knn_metrics(v2.path, tmp_path / "v2")
+    rec = knn_metrics(v2.path, tmp_path / "v2", *small)
     assert rec["checkpoint"]["input_normalization"] == [list(NONE[0]), list(NONE[1])]
     assert "from the checkpoint" in rec["data"]["input_normalization"]
-    tv = knn_metrics(tmp_path / "v2_tv.pth", tmp_path / "v2_tv", "--set", "normalize=none")
+    tv = knn_metrics(tmp_path / "v2_tv.pth", tmp_path / "v2_tv", "--set", "normalize=none", *small)
     assert tv["metrics"] == rec["metrics"]
     capsys.readouterr()
 
@@ -230,12 +246,7 @@ def test_inspect_lists_every_candidate_and_the_choice(saved, saved50, capsys):
     assert run_cli(["--inspect", str(saved["vicreg"].path)]) == 0
     assert "read as inert placeholders (never imported or run): __main__.exclude_bias_and_norm" in \
         capsys.readouterr().out
-    path = saved50["simclr-v1"].path
-    inspect_lines(path)
-    started = time.perf_counter()
-    lines = inspect_lines(path)
-    took = time.perf_counter() - started
-    assert took < 1.0 and any("resnet50" in line for line in lines), took
+    assert any("resnet50" in line for line in inspect_lines(saved50["simclr-v1"].path))
 
 
 def test_inspect_reads_no_tensor_data_and_imports_no_torch(saved50, saved, tmp_path):
@@ -388,7 +399,7 @@ def test_truncated_release_and_vit_exit_2(tmp_path, capsys, saved, zipped, demo_
                           "module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(24, 8)}}
     torch.save(vit, tmp_path / "vit.pth.tar")
     for name, message in (("t.pth.tar", "not a readable checkpoint"),
-                          ("vit.pth.tar", "holds no ResNet in a known naming scheme")):
+                          ("vit.pth.tar", "holds no complete ViT")):
         code = run_cli(["--ckpt", str(tmp_path / name), "--task", "knn_stl10", "--demo", "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1
