@@ -6,6 +6,7 @@ from typing import Optional
 import numpy as np
 import torch.nn as nn
 
+from backbones import families
 from backbones.features import extract_features
 from core.cli import UserError
 from core.settings import setting
@@ -114,13 +115,7 @@ def train_test_features(ctx, p: FrozenFeatureProtocol, check=None, tap=None, spl
 
 # ---- encoder families -------------------------------------------------------------------------------------
 # backbones.families (the family contract) says which input a family expects, which taps it offers and which
-# tap its releasing project's linear evaluation reads. Until that module is present, ResNets run as they always
-# did and a ViT (a module whose `.vit` is a timm VisionTransformer, on a checkpoint with family 'vit') gets the
-# contract's values from the fallbacks at the end of this file.
-try:
-    from backbones import families
-except ImportError:  # a tree without the family seam
-    families = None
+# tap its releasing project's linear evaluation reads.
 
 
 def is_vit(ctx) -> bool:
@@ -137,30 +132,17 @@ def family_transform(ctx, task_transform: EvalTransform) -> EvalTransform:
     mean/std on every dataset; under --demo the task's smaller crop at the same ratio)."""
     if not is_vit(ctx):
         return task_transform
-    if families is not None:
-        try:
-            return families.eval_transform(ctx.checkpoint, task_transform, ctx.demo)
-        except TypeError:  # the contract's one-argument form
-            return families.eval_transform(ctx.checkpoint)
-    return _vit_eval_transform(ctx, task_transform)
+    return families.eval_transform(ctx.checkpoint, task_transform, ctx.demo)
 
 
 def tap_module(ctx, tap: str) -> nn.Module:
     """A module whose forward gives the (N, D) features of `tap`."""
-    if families is not None:
-        return families.tap_model(ctx.model, tap)
-    if not is_vit(ctx):
-        if tap != "avgpool":
-            raise UserError(f"a ResNet offers the feature tap 'avgpool', not {tap!r}")
-        return ctx.model
-    return _VitTap(ctx.model.vit, tap)
+    return families.tap_model(ctx.model, tap)
 
 
 def linear_taps(ctx) -> list:
     """[(tap, head)] of the releasing project's linear evaluation; head 'linear' or 'bn_linear'."""
-    if families is not None:
-        return families.linear_protocol(ctx.checkpoint)
-    return _vit_linear_protocol(ctx.checkpoint) if is_vit(ctx) else [("avgpool", "linear")]
+    return families.linear_protocol(ctx.checkpoint)
 
 
 class TapCheckpoint:
@@ -176,61 +158,6 @@ class TapCheckpoint:
     @property
     def cache_id(self):
         return f"{self._checkpoint.cache_id}|tap={self._tap}"
-
-
-# Fallbacks of the family contract (used only without backbones.families): the values of /work's contract,
-# each from its source.
-VIT_INPUT = ("Resize(256, bicubic), CenterCrop(224), ImageNet mean/std (DINO eval_knn.py / eval_linear.py, DINOv2 "
-             "make_classification_eval_transform, MAE main_linprobe.py)")
-
-
-def _vit_eval_transform(ctx, task_transform):
-    crop = (task_transform.crop or task_transform.square) if ctx.demo else 224  # demo images are 64 px
-    mean, std = ctx.checkpoint.input_normalization or (IMAGENET_MEAN, IMAGENET_STD)
-    return EvalTransform(round(crop * 256 / 224), crop, tuple(mean), tuple(std), "bicubic")
-
-
-def _vit_linear_protocol(info):
-    release, width = getattr(info, "release", None), (getattr(info, "vit", None) or {}).get("width")
-    if release in ("dino", "ibot"):  # DINO eval_linear.py: n_last_blocks 4 for ViT-S; 1 + avgpool for ViT-B
-        return [("cls_last4", "linear")] if width is not None and width < 768 else [("cls+patchmean", "linear")]
-    if release == "mae":  # MAE main_linprobe.py: CLS, BatchNorm1d(affine=False, eps=1e-6), Linear
-        return [("cls", "bn_linear")]
-    if release == "dinov2":  # DINOv2 eval/linear.py: n_last_blocks {1, 4} x avgpool {False, True}
-        return [("cls", "linear"), ("cls+patchmean", "linear"), ("cls_last4", "linear"),
-                ("cls_last4+patchmean", "linear")]
-    return [("cls", "linear")]  # MoCo v3 main_lincls.py, and unknown ViTs: the CLS token after the final norm
-
-
-class _VitTap(nn.Module):
-    """A timm VisionTransformer's features at one tap: 'cls' (CLS after the final norm), 'cls_last4' (the CLS of
-    each of the last 4 blocks through the final norm, concatenated: DINO's n_last_blocks=4), 'cls+patchmean' (CLS
-    and the mean patch token of the last block after the norm: DINO's avgpool_patchtokens), 'cls_last4+patchmean'
-    (DINOv2's create_linear_input with 4 blocks and avgpool)."""
-
-    TAPS = ("cls", "cls_last4", "cls+patchmean", "cls_last4+patchmean")
-
-    def __init__(self, vit, tap):
-        super().__init__()
-        if tap not in self.TAPS:
-            raise UserError(f"unknown ViT feature tap {tap!r}; one of {', '.join(self.TAPS)}")
-        self.vit, self.tap = vit, tap
-
-    def forward(self, x):
-        import torch
-
-        v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-        last = 4 if self.tap.startswith("cls_last4") else 1
-        normed = []
-        for i, block in enumerate(v.blocks):
-            x = block(x)
-            if i >= len(v.blocks) - last:
-                normed.append(v.norm(x))
-        parts = [t[:, 0] for t in normed]
-        if self.tap.endswith("patchmean"):
-            parts.append(normed[-1][:, v.num_prefix_tokens:].mean(1))
-        return torch.cat(parts, 1)
 
 
 def features_artifact(train_x, train_y, test_x, test_y):

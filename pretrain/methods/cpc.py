@@ -9,7 +9,6 @@ is a torchvision ResNet); predictions run top to bottom only; no per-patch augme
 augmentation applies to the whole crop); the context network is a stack of row-masked 3x3 convolutions with
 ReLU (rschwarz15/CPCV2-PyTorch uses gated PixelCNN layers). Negatives are this process's batch.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
