@@ -130,12 +130,12 @@ def test_detectron2_loads_every_converted_weight(tmp_path):
     from backbones.checkpoints import build_backbone
     from backbones.schemes import torchvision_to_detectron2_key
     from tasks.detection import d2_engine
-    from tasks.detection.protocol import VocDetProtocol
+    from tasks.detection.recipes import VOC_C4
 
     torch.manual_seed(0)
     encoder = build_backbone("resnet50")
     weights = d2_engine.detectron2_weights(encoder, tmp_path / "w.pkl")
-    cfg = d2_engine.make_config("voc_det", VocDetProtocol(), "resnet50", "cpu", 0, tmp_path, weights, "a", "b", 20, 1)
+    cfg = d2_engine.make_config(VOC_C4, VOC_C4.protocol, "resnet50", "cpu", 0, tmp_path, weights, "a", "b", 20, 1)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))
     state = model.state_dict()
@@ -152,11 +152,14 @@ def test_config_files_hold_the_protocol_values():
     from detectron2.config import get_cfg
 
     from tasks.detection import d2_engine
-    from tasks.detection.protocol import CocoInstsegProtocol, VocDetProtocol
+    from tasks.detection.recipes import RECIPES
 
-    for task, p in (("voc_det", VocDetProtocol()), ("coco_instseg", CocoInstsegProtocol())):
+    for recipe in RECIPES.values():
+        p = recipe.protocol
         cfg = get_cfg()
-        cfg.merge_from_file(str(d2_engine.CONFIG_FILES[task]))
+        cfg.merge_from_file(str(d2_engine.CONFIGS / recipe.d2_config))
+        assert cfg.MODEL.MASK_ON == recipe.masks and cfg.MODEL.ROI_HEADS.NUM_CLASSES == recipe.classes
+        assert all(cfg.MODEL[node].NORM == "SyncBN" for node in recipe.d2_head_norms)
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == p.train_sizes and cfg.INPUT.MIN_SIZE_TEST == p.test_size
         assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS) == \
             (p.base_lr, p.max_iter, p.steps, p.warmup_iters)

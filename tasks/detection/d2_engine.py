@@ -19,7 +19,6 @@ from core.progress import progress
 from tasks.detection.metrics import encode_masks
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-CONFIG_FILES = {"voc_det": CONFIGS / "voc_det_R_50_C4.yaml", "coco_instseg": CONFIGS / "coco_instseg_R_50_FPN.yaml"}
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:
@@ -39,9 +38,9 @@ def detectron2_weights(encoder, path):
     return path
 
 
-def make_config(task, p, arch, device, seed, output_dir, weights, train_name, test_name, num_classes, world):
+def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, test_name, num_classes, world):
     cfg = get_cfg()
-    cfg.merge_from_file(str(CONFIG_FILES[task]))
+    cfg.merge_from_file(str(CONFIGS / recipe.d2_config))
     m, s = cfg.MODEL, cfg.SOLVER
     # launched workers each take the GPU of their local rank ("cuda"); one process takes the device asked for
     device = torch.device(device)
@@ -52,8 +51,8 @@ def make_config(task, p, arch, device, seed, output_dir, weights, train_name, te
         m.RESNETS.RES2_OUT_CHANNELS = 64  # Detectron2's BasicBlock ResNets
     norm = "SyncBN" if world > 1 else "BN"  # synchronised BN across GPUs, plain BN on one device
     m.RESNETS.NORM = norm
-    if task == "coco_instseg":
-        m.FPN.NORM = m.ROI_BOX_HEAD.NORM = m.ROI_MASK_HEAD.NORM = norm
+    for node in recipe.d2_head_norms:
+        m[node].NORM = norm
     m.PIXEL_MEAN, m.PIXEL_STD = list(p.pixel_mean), list(p.pixel_std)
     m.ROI_HEADS.NUM_CLASSES = num_classes
     m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = p.roi_batch_size_per_image
@@ -105,7 +104,7 @@ def _train_worker(cfg, train, test, classes, resume):
     return trainer.model
 
 
-def train_and_predict(ctx, p, task, train, test, classes, seed, output_dir):
+def train_and_predict(ctx, p, recipe, train, test, classes, seed, output_dir):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -114,8 +113,8 @@ def train_and_predict(ctx, p, task, train, test, classes, seed, output_dir):
     every_gpu = ctx.device.type == "cuda" and ctx.device_asked in (None, "auto", "cuda")  # not cuda:N
     world = torch.cuda.device_count() if every_gpu else 1
     weights = detectron2_weights(ctx.model, output_dir / "init_weights.pkl")
-    names = (f"ssl_suite_{task}_train", f"ssl_suite_{task}_test")
-    cfg = make_config(task, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world)
+    names = (f"ssl_suite_{recipe.task}_train", f"ssl_suite_{recipe.task}_test")
+    cfg = make_config(recipe, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world)
     if world > 1:
         launch(_train_worker, world, args=(cfg, train, test, classes, ctx.resume))
         _register(names[1], test, classes)

@@ -87,10 +87,13 @@ def _settings(p):
                 **HEADS)
 
 
-def build(task, encoder, num_classes, p):
-    """The detector around a copy of the encoder (the run's other tasks keep the original)."""
+BUILDERS = {"c4": _c4, "fpn": _fpn}  # recipe.head -> the detector around a torchvision ResNet
+
+
+def build(recipe, encoder, num_classes, p):
+    """The recipe's detector around a copy of the encoder (the run's other tasks keep the original)."""
     trunk = copy.deepcopy(encoder).train()
-    return (_c4 if task == "voc_det" else _fpn)(trunk, num_classes, p)
+    return BUILDERS[recipe.head](trunk, num_classes, p)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def _to(images, targets, device):
     return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
+def train(model, records, p, recipe, device, seed, state, log, rank=0, world=1):
     """Trains for p.max_iter iterations; `state` (a StateFile) saves every checkpoint_period and resumes.
     Under torchrun each process takes its share of every global batch (DDP averages the gradients; BN is
     synchronised on CUDA) and rank 0 saves; the model returned is the plain module."""
@@ -184,8 +187,8 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, BN over the global batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if amp else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    batches = iter(_loader(records, p, task == "coco_instseg", seed, start, rank, world))
-    bar = progress(range(start, p.max_iter), f"{task} train", total=p.max_iter, initial=start, show=rank == 0)
+    batches = iter(_loader(records, p, recipe.masks, seed, start, rank, world))
+    bar = progress(range(start, p.max_iter), f"{recipe.task} train", total=p.max_iter, initial=start, show=rank == 0)
     for it in bar:
         for group in opt.param_groups:
             group["lr"] = p.base_lr * lr_factor(it, p)
@@ -205,13 +208,13 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
     model = net.module if world > 1 else net
     if rank == 0:
         # the images Detectron2's PreciseBN averages over on `world` processes, here on one
-        precise_bn(model, records, replace(p, precise_bn_iters=p.precise_bn_iters * world), task, device, seed,
+        precise_bn(model, records, replace(p, precise_bn_iters=p.precise_bn_iters * world), recipe, device, seed,
                    world)
     return model
 
 
 @torch.no_grad()
-def precise_bn(model, records, p, task, device, seed, world=1):
+def precise_bn(model, records, p, recipe, device, seed, world=1):
     """Detectron2's PreciseBN: BN statistics re-estimated as the plain mean over precise_bn_iters batches."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or p.precise_bn_iters <= 0:
@@ -220,7 +223,7 @@ def precise_bn(model, records, p, task, device, seed, world=1):
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
-    batches = iter(_loader(records, p, task == "coco_instseg", seed + 1, 0, 0, world))
+    batches = iter(_loader(records, p, recipe.masks, seed + 1, 0, 0, world))
     model.train()
     for _ in range(p.precise_bn_iters):
         model(*_to(*next(batches), device))
