@@ -15,6 +15,7 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils import comm
 
 from backbones.convert import write_backbone
+from core.loading import resolve_workers
 from core.progress import progress
 from tasks.detection.metrics import encode_masks
 
@@ -68,7 +69,7 @@ def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, 
     cfg.TEST.PRECISE_BN.ENABLED = p.precise_bn_iters > 0
     cfg.TEST.PRECISE_BN.NUM_ITER = max(p.precise_bn_iters, 1)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), (test_name,)
-    cfg.DATALOADER.NUM_WORKERS = p.workers
+    cfg.DATALOADER.NUM_WORKERS = resolve_workers(p.workers, world)
     cfg.SEED, cfg.OUTPUT_DIR = seed, str(output_dir)
     cfg.freeze()
     return cfg

@@ -31,7 +31,10 @@ class DetectionProtocol:
     roi_batch_size_per_image: int = setting(512, D2 + ": ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     checkpoint_period: int = setting(5000, D2 + ": SOLVER.CHECKPOINT_PERIOD")
     test_batch: int = setting(1, "runtime setting of inference; does not change results")
-    workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
+    workers: int = setting(-1, "runtime setting (data-loading processes per training process; -1: the node's cores "
+                              "shared among its processes, at most 8, core/loading.py); does not change results")
+    log_period: int = setting(20, D2 + ": DefaultTrainer's PeriodicWriter period 20 (the torchvision engine reads "
+                                   "the loss from the device once per period)")
     trials: int = setting(1, "seeds run; MoCo reports VOC as the mean of 5 (--set trials=5), mean and std recorded")
 
 
