@@ -1,6 +1,7 @@
 """Detection: VOC AP against hand-computed cases, COCO metrics through pycocotools, data cleaning, the
 torchvision engine end to end on the demo data, and the Detectron2 engine when it imports."""
 import importlib.util
+import itertools
 import json
 from collections import Counter
 
@@ -13,10 +14,11 @@ from tasks.detection.data import _clean
 from tasks.detection.metrics import ap_11_point, coco_metrics, coco_results, encode_masks, voc_class_ap
 
 HAS_D2 = importlib.util.find_spec("detectron2") is not None
-# Test scale: ResNet-18, the demo images at 64 px, 10-20 proposals per image, 16 RoIs.
+# Test scale: ResNet-18, the demo images at 64 px, 10-20 proposals per image, 16 RoIs of 4 x 4 (small box heads,
+# small checkpoints).
 SMALL = ["--set", "train_sizes=64", "--set", "test_size=64", "--set", "max_size=128", "--set", "rpn_post_nms_topk_train=20",
          "--set", "rpn_post_nms_topk_test=10", "--set", "roi_batch_size_per_image=16", "--set", "precise_bn_iters=1",
-         "--set", "warmup_iters=1", "--set", "steps=2"]
+         "--set", "warmup_iters=1", "--set", "steps=2", "--set", "pooler_resolution=4"]
 TINY = ["--set", "max_iter=2"]
 ONE = ["--set", "max_iter=1"]
 THREE = ["--set", "max_iter=3", "--set", "checkpoint_period=1"]
@@ -389,10 +391,79 @@ def test_config_files_hold_the_protocol_values():
         assert cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION == p.pooler_resolution
 
 
-@pytest.mark.skipif(not HAS_D2, reason="Detectron2 is not installed (README: Detection)")
-def test_detectron2_engine_demo_record(tmp_path, capsys, demo_root):
-    code = cli(["--ckpt", "random", "--arch", "resnet50", "--task", "voc_det", "--demo", "--out", str(tmp_path),
-                "--set", "engine=detectron2", *TINY, "--set", "max_iter=3", "--set", "steps=2"])
-    assert code == 0, capsys.readouterr().err
-    rec = json.loads(next((tmp_path / "records").rglob("*.json")).read_text())
-    assert rec["engine"] == "detectron2" and 0 <= rec["metrics"]["voc_det_ap50"] <= 100
+needs_d2 = pytest.mark.skipif(not HAS_D2, reason="Detectron2 is not installed (README: Detection)")
+
+
+def _d2_coco(out, *extra):
+    return ["--ckpt", "random", "--arch", "resnet18", "--task", "coco_instseg", "--demo", "--out", str(out),
+            "--set", "engine=detectron2", *SMALL, *THREE, *extra]
+
+
+def _d2_final_weights(out):
+    return torch.load(next((out / "state").glob("coco_instseg__*__detectron2")) / "model_final_with_precise_bn.pth",
+                      weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def d2_uninterrupted(tmp_path_factory, demo_root):
+    out = tmp_path_factory.mktemp("d2_uninterrupted")
+    assert cli(_d2_coco(out)) == 0
+    return _record(out), _d2_final_weights(out)
+
+
+@needs_d2
+def test_detectron2_engine_demo_record(d2_uninterrupted):
+    rec, _ = d2_uninterrupted
+    assert rec["engine"] == "detectron2" and rec["probe"]["max_iter"] == 3
+    assert {"coco_ap_box", "coco_ap_box50", "coco_ap_mask", "coco_ap_mask75"} <= set(rec["metrics"])
+
+
+@needs_d2
+def test_detectron2_resume_after_an_interruption_at_iteration_1_of_3_equals_the_uninterrupted_run(
+        tmp_path, monkeypatch, d2_uninterrupted):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    save = DetectionCheckpointer.save
+
+    def save_then_interrupt(self, name, **extra):
+        save(self, name, **extra)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DetectionCheckpointer, "save", save_then_interrupt)
+    assert cli(_d2_coco(tmp_path)) == 130
+    monkeypatch.undo()
+    folder = next((tmp_path / "state").glob("coco_instseg__*__detectron2"))
+    assert (folder / "last_checkpoint").read_text() == "model_0000000.pth"  # after iteration 1 of 3
+    first = (folder / "model_0000000.pth").stat().st_mtime_ns
+    assert cli(_d2_coco(tmp_path, "--resume")) == 0
+    assert (folder / "model_0000000.pth").stat().st_mtime_ns == first  # continued, not started over
+    rec, weights = d2_uninterrupted
+    _assert_same_weights(_d2_final_weights(tmp_path), weights)
+    assert _record(tmp_path)["metrics"] == rec["metrics"]
+
+
+@needs_d2
+def test_resumable_batches_are_detectron2s_aspect_ratio_grouping():
+    """Against Detectron2's own AspectRatioGroupedDataset on the same per-process stream; a start skips batches."""
+    from detectron2.data.common import AspectRatioGroupedDataset
+
+    from core.sampling import epoch_order
+    from tasks.detection.d2_engine import ResumableBatches
+
+    records = [{"width": 4 + (i % 3 == 0) * 4, "height": 6} for i in range(10)]  # 4 of 10 landscape
+    for rank, world in ((0, 1), (1, 2)):
+        stream = [{"key": (e, i), **records[i]} for e in range(30) for i in epoch_order(10, 7, e).tolist()]
+        grouped = AspectRatioGroupedDataset(stream[rank::world], batch_size=3)
+        expected = [[d["key"] for d in b] for b in itertools.islice(grouped, 12)]
+        batches = ResumableBatches(records, 3, 7, rank, world)
+        assert list(itertools.islice(batches, 12)) == expected
+        batches.start = 5
+        assert list(itertools.islice(batches, 7)) == expected[5:]
+
+
+@needs_d2
+def test_detectron2_launch_meets_at_torchruns_address_else_a_free_port():
+    from tasks.detection.d2_engine import dist_url
+
+    assert dist_url({"MASTER_ADDR": "node17", "MASTER_PORT": "29400", "WORLD_SIZE": "1"}) == "tcp://node17:29400"
+    assert dist_url({}) == "auto" and dist_url({"MASTER_ADDR": "node17"}) == "auto"

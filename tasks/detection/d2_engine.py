@@ -2,21 +2,34 @@
 checkpoint converted to Detectron2's names and loaded with its matching, DefaultTrainer (PreciseBN,
 periodic checkpoints, resume) and, with several GPUs, Detectron2's launcher. Only imported when
 Detectron2 is installed (README: Detection).
+
+Resumable to the bit: Detectron2's own resume restores the weights, optimizer, scheduler and iteration but
+restarts its data stream and random generators, so a resumed run trains on other batches than the
+uninterrupted one. Here the training loader is Detectron2's TrainingSampler + aspect-ratio grouping
+rebuilt on `core.sampling`'s seeded orders (`ResumableBatches`: batch k is a function of the seed alone, so
+a resumed run skips to its iteration), each image's augmentation (resize choice, flip: numpy's generator)
+is drawn under a seed of (seed, pass, image), and PyTorch's generator (the RPN and RoI sampling) is seeded
+at every iteration from (seed, iteration, rank).
 """
+import itertools
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, HookBase, hooks, launch
 from detectron2.layers import get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from backbones.convert import write_backbone
 from core.loading import resolve_workers
 from core.progress import progress
+from core.sampling import epoch_order
 from tasks.detection.metrics import encode_masks
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -75,11 +88,100 @@ def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, 
     return cfg
 
 
+class ResumableBatches(torch.utils.data.Sampler):
+    """Detectron2's TrainingSampler followed by its AspectRatioGroupedDataset, as lists of (pass, image) keys:
+    the endless stream of images in `core.sampling.epoch_order`s, this process taking every world-th (as
+    TrainingSampler does), each image put in the bucket of its orientation (width > height or not) and a
+    full bucket of `batch` images made a batch. `start` (set after a resume) skips the first batches
+    without loading an image."""
+
+    def __init__(self, records, batch, seed, rank=0, world=1):
+        self.landscape = [r["width"] > r["height"] for r in records]
+        self.batch, self.seed, self.rank, self.world, self.start = batch, seed, rank, world, 0
+
+    def _stream(self):
+        for epoch in itertools.count():
+            for i in epoch_order(len(self.landscape), self.seed, epoch).tolist():
+                yield epoch, i
+
+    def __iter__(self):
+        buckets, made = ([], []), 0
+        for key in itertools.islice(self._stream(), self.rank, None, self.world):
+            bucket = buckets[self.landscape[key[1]]]
+            bucket.append(key)
+            if len(bucket) == self.batch:
+                if made >= self.start:
+                    yield list(bucket)
+                made += 1
+                bucket.clear()
+
+
+class SeededMapping(torch.utils.data.Dataset):
+    """Detectron2's DatasetMapper on the image of a (pass, image) key, its random augmentation drawn from
+    numpy's generator seeded by (seed, pass, image) (the caller's generator state is put back)."""
+
+    def __init__(self, records, mapper, seed):
+        self.records, self.mapper, self.seed = records, mapper, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        state = np.random.get_state()
+        np.random.seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % 2 ** 32)
+        try:
+            return self.mapper(self.records[i])
+        finally:
+            np.random.set_state(state)
+
+
+def _batch_as_list(batch):
+    return batch
+
+
+class SeedEachIteration(HookBase):
+    """PyTorch's generator (Detectron2's RPN / RoI sampling) seeded before every step from (seed, iteration,
+    rank), so that a resumed run draws what the uninterrupted one drew."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def before_step(self):
+        torch.manual_seed((self.seed * 1_000_003 + self.trainer.iter) * 1_009 + comm.get_rank())
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer without its evaluation hook: the task scores the predictions itself."""
+    """DefaultTrainer with a resumable training loader and seeded steps, without its evaluation hook (the
+    task scores the predictions itself)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+        world = comm.get_world_size()
+        batches = ResumableBatches(records, cfg.SOLVER.IMS_PER_BATCH // world, cfg.SEED, comm.get_rank(), world)
+        return torch.utils.data.DataLoader(SeededMapping(records, DatasetMapper(cfg, True), cfg.SEED),
+                                           batch_sampler=batches, collate_fn=_batch_as_list,
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                           # its own generator: starting the loader draws nothing from the
+                                           # global one, whatever the iteration it starts at
+                                           generator=torch.Generator().manual_seed(cfg.SEED))
 
     def build_hooks(self):
-        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+        return [SeedEachIteration(self.cfg.SEED)] + [h for h in super().build_hooks()
+                                                      if not isinstance(h, hooks.EvalHook)]
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume)
+        self._trainer.data_loader.batch_sampler.start = self.start_iter
+
+
+def dist_url(environ=os.environ) -> str:
+    """Where Detectron2's launched processes meet: torchrun's (or a job script's) MASTER_ADDR:MASTER_PORT when
+    both are set, else Detectron2's "auto" (a free port on this machine, so that two jobs on one node do not
+    collide on a default port)."""
+    addr, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    return f"tcp://{addr}:{port}" if addr and port else "auto"
 
 
 def _register(name, records, classes):
@@ -97,6 +199,7 @@ def _register(name, records, classes):
 def _train_worker(cfg, train, test, classes, resume):
     _register(cfg.DATASETS.TRAIN[0], train, classes)
     _register(cfg.DATASETS.TEST[0], test, classes)
+    seed_all_rng(cfg.SEED + comm.get_rank())  # as Detectron2's default_setup: the heads' initialisation from the seed
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=resume)
     trainer.train()
@@ -117,7 +220,7 @@ def train_and_predict(ctx, p, recipe, train, test, classes, seed, output_dir):
     names = (f"ssl_suite_{recipe.task}_train", f"ssl_suite_{recipe.task}_test")
     cfg = make_config(recipe, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world)
     if world > 1:
-        launch(_train_worker, world, args=(cfg, train, test, classes, ctx.resume))
+        launch(_train_worker, world, dist_url=dist_url(), args=(cfg, train, test, classes, ctx.resume))
         _register(names[1], test, classes)
         model = build_model(cfg)
         DetectionCheckpointer(model).load(str(output_dir / "model_final_with_precise_bn.pth"))
