@@ -467,3 +467,147 @@ def test_detectron2_launch_meets_at_torchruns_address_else_a_free_port():
 
     assert dist_url({"MASTER_ADDR": "node17", "MASTER_PORT": "29400", "WORLD_SIZE": "1"}) == "tcp://node17:29400"
     assert dist_url({}) == "auto" and dist_url({"MASTER_ADDR": "node17"}) == "auto"
+
+
+def _timm_vit(**kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, pretrained=False, **kwargs).eval()
+
+
+@needs_d2
+@pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.5}], ids=["plain", "layerscale"])
+def test_detectron2_vit_blocks_equal_timms_after_mapping(kwargs):
+    """ViTDet's trunk with the mapped weights against timm's own modules on the same image: the patch tokens
+    plus position embeddings (ViTDet drops the CLS token) and each block's output, with relative position
+    biases on (zero-initialised, so they add nothing) and global attention (window attention is ViTDet's
+    change to the network, not the mapping's); LayerScale folded into the layer before it."""
+    from detectron2.modeling.backbone.utils import get_abs_pos
+
+    from tasks.detection.vitdet_weights import build_detectron2_vit
+
+    vit = _timm_vit(**kwargs)
+    for b in vit.blocks:  # LayerScale and biases away from their initial values, so that a missed fold shows
+        for name, t in b.named_parameters():
+            if name.endswith(("gamma", "bias")):
+                t.data.uniform_(-0.5, 1.0)
+    net = build_detectron2_vit(vit, img_size=64, use_rel_pos=True, window_size=0).eval()
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = net.patch_embed(image) + get_abs_pos(net.pos_embed, net.pretrain_use_cls_token, (4, 4))
+        theirs = vit.patch_embed(image) + vit.pos_embed[:, 1:]
+        torch.testing.assert_close(ours.flatten(1, 2), theirs)
+        for block, reference in zip(net.blocks, vit.blocks):
+            ours, theirs = block(ours), reference(theirs)
+            torch.testing.assert_close(ours.flatten(1, 2), theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(image)["last_feat"].permute(0, 2, 3, 1).flatten(1, 2), theirs,
+                                   rtol=1e-5, atol=1e-5)
+    assert all(float(t.abs().max()) == 0 for n, t in net.named_parameters() if "rel_pos" in n)
+
+
+@needs_d2
+def test_detectron2_vit_mapping_lists_what_it_does_not_take_and_refuses_registers():
+    from core.cli import UserError
+    from tasks.detection.vitdet_weights import detectron2_vit_state, vit_arch
+
+    state, dropped = detectron2_vit_state(_timm_vit(num_classes=10))
+    assert dropped == {"cls_token": 1, "norm": 2, "head": 2} and "blocks.11.attn.qkv.weight" in state
+    assert vit_arch(_timm_vit())["num_heads"] == 3 and vit_arch(_timm_vit())["pretrain_img_size"] == 64
+    with pytest.raises(UserError, match="register tokens"):
+        vit_arch(_timm_vit(reg_tokens=4))
+
+
+def _vit_context(out, resume=False):
+    """A run's context around a timm ViT (as backbones' ViT family gives it: `model.vit`)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from datasets.catalog import ensure_demo
+    from tasks.context import RunContext
+
+    model = torch.nn.Module()
+    model.vit = _timm_vit()
+    checkpoint = SimpleNamespace(family="vit", sha256="ab" * 32, path="random")
+    return RunContext(model, checkpoint, "vit_tiny_patch16_224", ensure_demo(), torch.device("cpu"), 0, True, Path(out),
+                      resume=resume)
+
+
+def _vitdet_protocol(**extra):
+    from dataclasses import replace
+
+    from tasks.detection.recipes import COCO_FPN
+
+    return replace(replace(COCO_FPN.protocol, **COCO_FPN.demo), **{
+        "engine": "detectron2", "vitdet_image_size": 64, "vitdet_max_iter": 3, "vitdet_steps": (2,),
+        "vitdet_warmup_iters": 1, "checkpoint_period": 1, "rpn_post_nms_topk_train": 20, "rpn_post_nms_topk_test": 10,
+        "roi_batch_size_per_image": 16, **extra})
+
+
+@needs_d2
+def test_vitdet_recipe_values_reach_the_model_and_optimizer():
+    """ViT-B's recipe at tiny scale: layer decay 0.7 per block from the top (patch and position embeddings one
+    step below block 0, the pyramid and heads at the base lr), no weight decay on norms and pos_embed, drop
+    path rising linearly to 0.1, global attention in the last block of each quarter, windows of 14."""
+    from tasks.detection import vitdet
+
+    p = _vitdet_protocol()
+    vit = _timm_vit()
+    model = vitdet.build_model(vit, p, 3, torch.device("cpu"))
+    net = model.backbone.net
+    assert [b.window_size for b in net.blocks] == [14, 14, 0] * 4
+    assert [getattr(b.drop_path, "drop_prob", 0.0) for b in net.blocks] == pytest.approx(
+        [0.1 * i / 11 for i in range(12)])
+    opt = vitdet.optimizer(model, p, 12)
+    setting = {id(q): (g["lr"], g["weight_decay"]) for g in opt.param_groups for q in g["params"]}
+    names = dict(model.named_parameters())
+    for name, expected_lr, expected_wd in [
+            ("backbone.net.blocks.11.mlp.fc1.weight", 1e-4 * 0.7, 0.1),
+            ("backbone.net.blocks.0.attn.qkv.weight", 1e-4 * 0.7 ** 12, 0.1),
+            ("backbone.net.blocks.0.norm1.weight", 1e-4 * 0.7 ** 12, 0.0),
+            ("backbone.net.patch_embed.proj.weight", 1e-4 * 0.7 ** 13, 0.1),
+            ("backbone.net.pos_embed", 1e-4 * 0.7 ** 13, 0.0),
+            ("roi_heads.box_predictor.cls_score.weight", 1e-4, 0.1)]:
+        assert setting[id(names[name])] == pytest.approx((expected_lr, expected_wd)), name
+    assert opt.defaults["betas"] == (0.9, 0.999)
+
+
+@needs_d2
+def test_vitdet_trains_scores_and_resumes_bit_equal(tmp_path, monkeypatch):
+    """ViTDet end to end on the demo COCO (tiny ViT, 64 px), then the same run interrupted after iteration 1
+    of 3 and resumed: the same final weights and metrics."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from tasks.detection import run as detection_run
+
+    once = detection_run.run(_vit_context(tmp_path / "once"), _vitdet_protocol(), "coco_instseg")
+    assert once.probe["detector"] == "vitdet" and {"coco_ap_box", "coco_ap_mask"} <= set(once.metrics)
+    save = DetectionCheckpointer.save
+
+    def save_then_interrupt(self, name, **extra):
+        save(self, name, **extra)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DetectionCheckpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        detection_run.run(_vit_context(tmp_path / "twice"), _vitdet_protocol(), "coco_instseg")
+    monkeypatch.undo()
+    logged = []
+    ctx = _vit_context(tmp_path / "twice", resume=True)
+    ctx.log = logged.append
+    again = detection_run.run(ctx, _vitdet_protocol(), "coco_instseg")
+    assert any("at iteration 1" in line for line in logged)
+    final = [torch.load(next((tmp_path / d / "state").glob("*__vitdet")) / "model_final.pth", weights_only=False)
+             for d in ("once", "twice")]
+    _assert_same_weights(final[1]["model"], final[0]["model"])
+    assert again.metrics == once.metrics
+
+
+def test_a_vit_gets_one_sentence_for_voc_c4_and_for_the_torchvision_engine(tmp_path):
+    from core.cli import UserError
+    from tasks.detection import run as detection_run
+
+    with pytest.raises(UserError, match="Faster R-CNN C4 is a ResNet recipe"):
+        detection_run.run(_vit_context(tmp_path), _vitdet_protocol(), "voc_det")
+    with pytest.raises(UserError, match="torchvision engine builds ResNet detectors only"):
+        detection_run.run(_vit_context(tmp_path), _vitdet_protocol(engine="torchvision"), "coco_instseg")

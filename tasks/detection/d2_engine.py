@@ -184,15 +184,19 @@ def dist_url(environ=os.environ) -> str:
     return f"tcp://{addr}:{port}" if addr and port else "auto"
 
 
+def d2_records(records):
+    """Our records (data.py) in Detectron2's dataset-dict form: boxes declared as absolute x0 y0 x1 y1."""
+    from detectron2.structures import BoxMode
+
+    return [{**r, "annotations": [{**a, "bbox_mode": BoxMode.XYXY_ABS} for a in r["annotations"]]} for r in records]
+
+
 def _register(name, records, classes):
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    from detectron2.structures import BoxMode
-
-    d2_records = [{**r, "annotations": [{**a, "bbox_mode": BoxMode.XYXY_ABS} for a in r["annotations"]]}
-                  for r in records]
-    DatasetCatalog.register(name, lambda: d2_records)
+    converted = d2_records(records)
+    DatasetCatalog.register(name, lambda: converted)
     MetadataCatalog.get(name).set(thing_classes=list(classes))
 
 
@@ -226,15 +230,15 @@ def train_and_predict(ctx, p, recipe, train, test, classes, seed, output_dir):
         DetectionCheckpointer(model).load(str(output_dir / "model_final_with_precise_bn.pth"))
     else:
         model = _train_worker(cfg, train, test, classes, ctx.resume)
-    return predict(model, cfg, test)
+    return predict(model, build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]))
 
 
 @torch.no_grad()
-def predict(model, cfg, test):
+def predict(model, loader):
     """Our prediction form (see metrics.py) from the model's Instances, in original image coordinates."""
     model.eval()
     out = {}
-    for inputs in progress(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), "inference"):
+    for inputs in progress(loader, "inference"):
         for x, o in zip(inputs, model(inputs)):
             inst = o["instances"].to("cpu")
             pred = {"boxes": inst.pred_boxes.tensor.numpy(), "scores": inst.scores.numpy(),

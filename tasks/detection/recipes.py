@@ -4,7 +4,7 @@ and both engines read these fields; nothing downstream branches on a task's name
 - VOC_C4 (`voc_det`): Faster R-CNN with a ResNet C4 backbone on VOC07+12 trainval, VOC07 test AP
   (MoCo's detection recipe, paper §8.4).
 - COCO_FPN (`coco_instseg`): Mask R-CNN with a ResNet FPN backbone on COCO train2017, box and mask AP on
-  val2017 (paper §8.4, §9).
+  val2017 (paper §8.4, §9); for a ViT checkpoint, ViTDet's Mask R-CNN (vitdet.py, Detectron2 engine).
 The protocols (hyperparameters with their sources) are in `protocol.py`; a recipe says what is built.
 """
 import json
@@ -40,6 +40,7 @@ class Recipe:
     metric_prefix: str  # the record's metric names: prefix + ap50, ...
     load: Callable  # (protocol, data_root, counts) -> (train records, test records, class names, COCO split or None)
     score: Callable  # (predictions, test records, classes, COCO split, seed) -> (metrics, extra info, artifacts)
+    vit_refusal: str  # why a ViT checkpoint cannot run this recipe, or "" (it runs ViTDet, vitdet.py)
     protocol: object  # the published protocol (protocol.py)
     demo: dict  # its --demo overrides
 
@@ -48,13 +49,17 @@ VOC_C4 = Recipe(
     task="voc_det", detector="Faster R-CNN, ResNet C4", head="c4", masks=False, need="detection_c4", classes=20,
     d2_config="voc_det_R_50_C4.yaml", d2_head_norms=(),
     # Detectron2's C4 box head is res5 built as a bottleneck stage: ResNet-50 or deeper
-    d2_min_depth=50, metric_prefix="voc_det_", load=voc_task_data, score=_score_voc, protocol=VocDetProtocol(),
+    d2_min_depth=50, metric_prefix="voc_det_", load=voc_task_data, score=_score_voc,
+    vit_refusal=("Faster R-CNN C4 is a ResNet recipe (its box head is the ResNet's res5 stage, MoCo's detection "
+                 "configs); a ViT is evaluated on detection by coco_instseg, with ViTDet"),
+    protocol=VocDetProtocol(),
     demo=VOC_DEMO)
 
 COCO_FPN = Recipe(
     task="coco_instseg", detector="Mask R-CNN, ResNet FPN", head="fpn", masks=True, need="detection_fpn", classes=80,
     d2_config="coco_instseg_R_50_FPN.yaml", d2_head_norms=("FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"),
-    d2_min_depth=18, metric_prefix="coco_", load=coco_task_data, score=_score_coco, protocol=CocoInstsegProtocol(),
+    d2_min_depth=18, metric_prefix="coco_", load=coco_task_data, score=_score_coco, vit_refusal="",
+    protocol=CocoInstsegProtocol(),
     demo=COCO_DEMO)
 
 RECIPES = {r.task: r for r in (VOC_C4, COCO_FPN)}

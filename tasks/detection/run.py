@@ -32,6 +32,21 @@ def resolve_engine(name):
     return name
 
 
+TORCHVISION_VIT = ("the torchvision engine builds ResNet detectors only (it has no simple feature pyramid for a "
+                   "ViT); a ViT's detection is ViTDet through Detectron2: coco_instseg with --set engine=detectron2")
+
+
+def is_vit(ctx) -> bool:
+    return getattr(ctx.checkpoint, "family", None) == "vit" or hasattr(ctx.model, "vit")
+
+
+def check_vit(recipe, engine):
+    if recipe.vit_refusal:
+        raise UserError(recipe.vit_refusal)
+    if engine != "detectron2":
+        raise UserError(TORCHVISION_VIT)
+
+
 def check_arch(ctx, p, recipe, engine):
     task = recipe.task
     if ctx.checkpoint.stem != "torchvision" or not ctx.checkpoint.maxpool:
@@ -49,6 +64,11 @@ def check_arch(ctx, p, recipe, engine):
 
 
 def _trial(ctx, p, recipe, engine, train, test, classes, seed):
+    if is_vit(ctx):
+        from tasks.detection import vitdet
+
+        return vitdet.train_and_predict(ctx, p, recipe, train, test, classes, seed,
+                                        ctx.state_path(recipe.task, seed, suffix="__vitdet"))
     if engine == "torchvision":
         from tasks.detection import tv_engine
 
@@ -69,7 +89,10 @@ def run(ctx, p, task_name) -> TaskOutput:
     if ctx.world > 1 and engine == "detectron2":
         raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
                         "torchrun (or use --set engine=torchvision under torchrun)")
-    check_arch(ctx, p, recipe, engine)
+    if is_vit(ctx):
+        check_vit(recipe, engine)
+    else:
+        check_arch(ctx, p, recipe, engine)
     if p.trials < 1:
         raise UserError("trials must be at least 1")
     train, test, classes, counts, coco = load_task_data(recipe, p, ctx.data_root)
@@ -92,4 +115,5 @@ def run(ctx, p, task_name) -> TaskOutput:
     if p.trials > 1:
         info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}
     return TaskOutput({recipe.metric_prefix + k: v for k, v in mean.items()}, info, engine=engine, artifacts=artifacts,
-                      probe={"engine": engine, "max_iter": p.max_iter, "trials": p.trials})
+                      probe={"engine": engine, "max_iter": p.max_iter, "trials": p.trials,
+                             **({"detector": "vitdet", "max_iter": p.vitdet_max_iter} if is_vit(ctx) else {})})
