@@ -26,23 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from tasks.detection import protocol as detection  # noqa: E402
 from tasks.detection import tv_engine  # noqa: E402
+from tasks.detection.recipes import RECIPES  # noqa: E402
 from tasks.detection.run import resolve_engine  # noqa: E402
 from core.cli import UserError  # noqa: E402
 
-TASKS = ("voc_det", "coco_instseg")
-NUM_CLASSES = {"voc_det": 20, "coco_instseg": 80}
+TASKS = tuple(RECIPES)
 
 
-def bench_protocol(task, recipe, size, batch):
-    p = detection.VocDetProtocol() if task == "voc_det" else detection.CocoInstsegProtocol()
-    if recipe == "demo":
-        p = replace(p, **(detection.VOC_DEMO if task == "voc_det" else detection.COCO_DEMO))
+def bench_protocol(recipe, schedule, size, batch):
+    p = recipe.protocol if schedule == "full" else replace(recipe.protocol, **recipe.demo)
     return replace(p, train_sizes=(size,), max_size=2 * size, ims_per_batch=batch, precise_bn_iters=0)
 
 
-def synthetic_batch(task, size, batch, seed=0):
+def synthetic_batch(recipe, size, batch, seed=0):
     """Images (3, size, 4/3 size) in [0, 255] with 3 boxes each (filled rectangles as masks for COCO)."""
     g = torch.Generator().manual_seed(seed)
     h, w = size, size * 4 // 3
@@ -52,7 +49,7 @@ def synthetic_batch(task, size, batch, seed=0):
         xy = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
         wh = (0.15 + 0.25 * torch.rand(3, 2, generator=g)) * torch.tensor([w, h])
         boxes = torch.cat([xy, xy + wh], 1).round()
-        labels = torch.randint(0, NUM_CLASSES[task], (3,), generator=g)
+        labels = torch.randint(0, recipe.classes, (3,), generator=g)
         masks = torch.zeros(3, h, w, dtype=torch.uint8)
         for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
             masks[k, y0:y1, x0:x1] = 1
@@ -60,12 +57,12 @@ def synthetic_batch(task, size, batch, seed=0):
     return out
 
 
-def torchvision_step(task, p, arch, batch, device):
-    model = tv_engine.build(task, torchvision.models.get_model(arch), NUM_CLASSES[task], p).to(device).train()
+def torchvision_step(recipe, p, arch, batch, device):
+    model = tv_engine.build(recipe, torchvision.models.get_model(arch), recipe.classes, p).to(device).train()
     opt = tv_engine.optimizer(model, p)
     images = [im.div(255).to(device) for im, *_ in batch]
     targets = [{"boxes": b.to(device), "labels": (lab + 1).to(device), **({"masks": m.to(device)}
-                if task == "coco_instseg" else {})} for _, b, lab, m in batch]
+                if recipe.masks else {})} for _, b, lab, m in batch]
 
     def step():
         loss = sum(model(images, targets).values())
@@ -75,21 +72,21 @@ def torchvision_step(task, p, arch, batch, device):
     return step
 
 
-def detectron2_step(task, p, arch, batch, device):
+def detectron2_step(recipe, p, arch, batch, device):
     from detectron2.modeling import build_model
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
 
     from tasks.detection import d2_engine
 
-    cfg = d2_engine.make_config(task, p, arch, device, 0, tempfile.gettempdir(), "", "bench_train", "bench_test",
-                                NUM_CLASSES[task], world=1)  # no weights: random initialisation
+    cfg = d2_engine.make_config(recipe, p, arch, device, 0, tempfile.gettempdir(), "", "bench_train", "bench_test",
+                                recipe.classes, world=1)  # no weights: random initialisation
     model = build_model(cfg).train()
     opt = tv_engine.optimizer(model, p)  # the same SGD groups for both engines
     inputs = []
     for image, boxes, labels, masks in batch:
         inst = Instances(image.shape[1:], gt_boxes=Boxes(boxes), gt_classes=labels)
-        if task == "coco_instseg":
+        if recipe.masks:
             inst.gt_masks = BitMasks(masks.bool())
         inputs.append({"image": image, "instances": inst, "height": image.shape[1], "width": image.shape[2]})
 
@@ -106,10 +103,11 @@ def measure_one(task, engine, args):
     """Runs in its own process: prints one JSON line with the pair's speed and memory."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    p = bench_protocol(task, args.recipe, args.size, args.batch)
-    batch = synthetic_batch(task, args.size, args.batch)
+    recipe = RECIPES[task]
+    p = bench_protocol(recipe, args.recipe, args.size, args.batch)
+    batch = synthetic_batch(recipe, args.size, args.batch)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step = (torchvision_step if engine == "torchvision" else detectron2_step)(task, p, args.arch, batch, device)
+    step = (torchvision_step if engine == "torchvision" else detectron2_step)(recipe, p, args.arch, batch, device)
     for _ in range(args.warmup):
         step()
     if device == "cuda":

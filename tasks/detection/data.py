@@ -85,17 +85,23 @@ def load_image(path):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
 
 
-def load_task_data(task, p, data_root):
-    """(train records, test records, class names, counts, COCO test split or None)."""
+def voc_task_data(p, data_root, counts):
+    """VOC07+12 trainval and VOC07 test (a VocDetProtocol's sets): (train, test, class names, None)."""
+    train = voc_records(data_root, p.train_sets, counts)
+    return train, voc_records(data_root, [p.test_set], counts), list(VOC_CLASSES), None
+
+
+def coco_task_data(p, data_root, counts):
+    """COCO train and val (a CocoInstsegProtocol's splits): (train, test, class names, the test split)."""
+    train, _ = coco_records(data_root, p.train_set, counts)
+    test, coco = coco_records(data_root, p.test_set, counts)
+    return train, test, [c["name"] for c in coco.categories], coco
+
+
+def load_task_data(recipe, p, data_root):
+    """(train records, test records, class names, counts, COCO test split or None) of a recipe's data."""
     counts = Counter()
-    if task == "voc_det":
-        train = voc_records(data_root, p.train_sets, counts)
-        test = voc_records(data_root, [p.test_set], counts)
-        classes, coco = list(VOC_CLASSES), None
-    else:
-        train, _ = coco_records(data_root, p.train_set, counts)
-        test, coco = coco_records(data_root, p.test_set, counts)
-        classes = [c["name"] for c in coco.categories]
+    train, test, classes, coco = recipe.load(p, data_root, counts)
     counts["test_images_without_objects"] = sum(not r["annotations"] for r in test)
     train = for_training(train, counts)
     return train, test, classes, counts, coco

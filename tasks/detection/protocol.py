@@ -9,6 +9,7 @@ MOCO = ("MoCo's detection recipe (He et al. 2020, detection/configs: Base-RCNN-C
 D2 = "Detectron2's default config (detectron2/config/defaults.py), which MoCo's recipe keeps"
 FPN = ("Detectron2's configs/Base-RCNN-FPN.yaml (MoCo's released configs hold no FPN recipe, only C4; the paper's "
        "COCO schedule of §9 is VICReg's, App. C.3, with LR 0.05)")
+VITDET = "Detectron2's projects/ViTDet/configs (Li et al. 2022, mask_rcnn_vitdet_b_100ep), "
 COCO_NORM = ("Detectron2's configs/Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml: SyncBN in the backbone, the FPN, the "
              "4conv1fc box head and the mask head (trained, FREEZE_AT 0; per-process BN on one device), as detectors "
              "finetuned from self-supervised weights are trained in MoCo and 'Rethinking ImageNet Pre-training'; "
@@ -31,7 +32,10 @@ class DetectionProtocol:
     roi_batch_size_per_image: int = setting(512, D2 + ": ROI_HEADS.BATCH_SIZE_PER_IMAGE")
     checkpoint_period: int = setting(5000, D2 + ": SOLVER.CHECKPOINT_PERIOD")
     test_batch: int = setting(1, "runtime setting of inference; does not change results")
-    workers: int = setting(2, "runtime setting (data-loading processes); does not change results")
+    workers: int = setting(-1, "runtime setting (data-loading processes per training process; -1: the node's cores "
+                              "shared among its processes, at most 8, core/loading.py); does not change results")
+    log_period: int = setting(20, D2 + ": DefaultTrainer's PeriodicWriter period 20 (the torchvision engine reads "
+                                   "the loss from the device once per period)")
     trials: int = setting(1, "seeds run; MoCo reports VOC as the mean of 5 (--set trials=5), mean and std recorded")
 
 
@@ -68,6 +72,21 @@ class CocoInstsegProtocol(DetectionProtocol):
     rpn_pre_nms_topk_test: int = setting(1000, FPN + ": RPN.PRE_NMS_TOPK_TEST (per level)")
     rpn_post_nms_topk_test: int = setting(1000, FPN + ": RPN.POST_NMS_TOPK_TEST")
     norm: str = setting("syncbn-backbone-fpn-heads", COCO_NORM, choices=("syncbn-backbone-fpn-heads",))
+    # A ViT checkpoint: ViTDet's Mask R-CNN (Detectron2 engine), its own recipe
+    vitdet_image_size: int = setting(1024, VITDET + "coco_loader_lsj.py: large-scale jitter to 1024 x 1024 "
+                                           "(ResizeScale 0.1-2.0, FixedSizeCrop), test ResizeShortestEdge 1024")
+    vitdet_ims_per_batch: int = setting(64, VITDET + "coco_loader_lsj.py: total_batch_size 64")
+    vitdet_base_lr: float = setting(1e-4, VITDET + "common/optim.py AdamW: lr 1e-4, betas (0.9, 0.999)")
+    vitdet_weight_decay: float = setting(0.1, VITDET + "common/optim.py AdamW: weight_decay 0.1 (0 for norms and "
+                                              "pos_embed)")
+    vitdet_layer_decay: float = setting(0.7, VITDET + "mask_rcnn_vitdet_b_100ep.py: get_vit_lr_decay_rate 0.7 "
+                                             "(ViT-L 0.8, ViT-H 0.9 in their configs)")
+    vitdet_drop_path: float = setting(0.1, VITDET + "common/models/mask_rcnn_vitdet.py: drop_path_rate 0.1 (ViT-B; "
+                                           "L 0.4, H 0.5)")
+    vitdet_max_iter: int = setting(184375, VITDET + "mask_rcnn_vitdet_b_100ep.py: 100 epochs = 184375 iterations")
+    vitdet_steps: tuple[int, ...] = setting((163889, 177546), VITDET + "mask_rcnn_vitdet_b_100ep.py: milestones")
+    vitdet_warmup_iters: int = setting(250, VITDET + "mask_rcnn_vitdet_b_100ep.py: warmup_length 250 iterations, "
+                                            "factor 0.001")
 
 
 # Demo: the generated 160 x 120 VOC and 128 x 128 COCO shapes (1-4 objects each), any ResNet, and a
@@ -81,4 +100,7 @@ DEMO = {"arch": "any", "ims_per_batch": 2, "max_size": 320, "precise_bn_iters": 
 VOC_DEMO = {**DEMO, "max_iter": 40, "steps": (30, 36), "warmup_iters": 10, "base_lr": 0.02,
             "train_sizes": (96, 112, 128, 144, 160), "test_size": 128}
 COCO_DEMO = {**DEMO, "max_iter": 40, "steps": (30, 36), "warmup_iters": 10, "base_lr": 0.02,
-             "train_sizes": (96, 112, 128), "test_size": 128}
+             "train_sizes": (96, 112, 128), "test_size": 128,
+             # a ViT: the same schedule, 128 x 128 large-scale jitter
+             "vitdet_image_size": 128, "vitdet_ims_per_batch": 2, "vitdet_max_iter": 40, "vitdet_steps": (30, 36),
+             "vitdet_warmup_iters": 10}

@@ -7,7 +7,6 @@ GPU); Detectron2's engine starts its own processes. With trials > 1 the record h
 the mean and std of each metric (MoCo reports VOC as the mean of 5).
 """
 import importlib.util
-import json
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from core.cli import UserError
 from core.resume import StateFile
 from tasks.context import NOTHING, TaskOutput
 from tasks.detection.data import load_task_data
-from tasks.detection.metrics import coco_metrics, coco_results, voc_detection_metrics
+from tasks.detection.recipes import RECIPES
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -33,7 +32,23 @@ def resolve_engine(name):
     return name
 
 
-def check_arch(ctx, p, task, engine):
+TORCHVISION_VIT = ("the torchvision engine builds ResNet detectors only (it has no simple feature pyramid for a "
+                   "ViT); a ViT's detection is ViTDet through Detectron2: coco_instseg with --set engine=detectron2")
+
+
+def is_vit(ctx) -> bool:
+    return getattr(ctx.checkpoint, "family", None) == "vit" or hasattr(ctx.model, "vit")
+
+
+def check_vit(recipe, engine):
+    if recipe.vit_refusal:
+        raise UserError(recipe.vit_refusal)
+    if engine != "detectron2":
+        raise UserError(TORCHVISION_VIT)
+
+
+def check_arch(ctx, p, recipe, engine):
+    task = recipe.task
     if ctx.checkpoint.stem != "torchvision" or not ctx.checkpoint.maxpool:
         raise UserError(f"{task} builds its detector on torchvision's ResNet stem (7x7 convolution and max-pool), "
                         f"and this checkpoint's stem is {ctx.checkpoint.notes.get('stem', ctx.checkpoint.stem)}")
@@ -43,48 +58,53 @@ def check_arch(ctx, p, task, engine):
     if p.arch != "any" and ctx.arch != p.arch:
         raise UserError(f"{task}'s recipe needs a {p.arch} backbone (paper §8.4) and this checkpoint is {ctx.arch}; "
                         "--set arch=any runs it anyway, outside the paper's protocol")
-    if engine == "detectron2" and task == "voc_det" and ctx.arch in ("resnet18", "resnet34"):
-        raise UserError("Detectron2's C4 box head is a bottleneck res5, which needs a ResNet-50 or deeper; "
-                        "use --set engine=torchvision for this checkpoint")
+    if engine == "detectron2" and int(ctx.arch[len("resnet"):]) < recipe.d2_min_depth:
+        raise UserError(f"Detectron2's {recipe.detector} needs a ResNet-{recipe.d2_min_depth} or deeper (its C4 box "
+                        "head is a bottleneck res5); use --set engine=torchvision for this checkpoint")
 
 
-def _trial(ctx, p, task, engine, train, test, classes, seed):
+def _trial(ctx, p, recipe, engine, train, test, classes, seed):
+    if is_vit(ctx):
+        from tasks.detection import vitdet
+
+        return vitdet.train_and_predict(ctx, p, recipe, train, test, classes, seed,
+                                        ctx.state_path(recipe.task, seed, suffix="__vitdet"))
     if engine == "torchvision":
         from tasks.detection import tv_engine
 
         torch.manual_seed(seed)
-        model = tv_engine.build(task, ctx.model, len(classes), p)
-        state = StateFile(ctx.state_path(task, seed), ctx.resume, repr(p))
-        model = tv_engine.train(model, train, p, task, ctx.device, seed, state, ctx.log, ctx.rank, ctx.world)
+        model = tv_engine.build(recipe, ctx.model, len(classes), p)
+        state = StateFile(ctx.state_path(recipe.task, seed), ctx.resume, repr(p))
+        model = tv_engine.train(model, train, p, recipe, ctx.device, seed, state, ctx.log, ctx.rank, ctx.world)
         return tv_engine.predict(model, test, p, ctx.device) if ctx.rank == 0 else None
     from tasks.detection import d2_engine
 
-    return d2_engine.train_and_predict(ctx, p, task, train, test, classes, seed,
-                                       ctx.state_path(task, seed, suffix="__detectron2"))
+    return d2_engine.train_and_predict(ctx, p, recipe, train, test, classes, seed,
+                                       ctx.state_path(recipe.task, seed, suffix="__detectron2"))
 
 
 def run(ctx, p, task_name) -> TaskOutput:
+    recipe = RECIPES[task_name]
     engine = resolve_engine(p.engine)
     if ctx.world > 1 and engine == "detectron2":
         raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
                         "torchrun (or use --set engine=torchvision under torchrun)")
-    check_arch(ctx, p, task_name, engine)
+    if is_vit(ctx):
+        check_vit(recipe, engine)
+    else:
+        check_arch(ctx, p, recipe, engine)
     if p.trials < 1:
         raise UserError("trials must be at least 1")
-    train, test, classes, counts, coco = load_task_data(task_name, p, ctx.data_root)
+    train, test, classes, counts, coco = load_task_data(recipe, p, ctx.data_root)
     trials, artifacts = [], {}
     for t in range(p.trials):
         seed = ctx.seed + t
         ctx.log(f"  {engine} engine, trial {t + 1}/{p.trials} (seed {seed}), {len(train)} training images")
-        predictions = _trial(ctx, p, task_name, engine, train, test, classes, seed)
+        predictions = _trial(ctx, p, recipe, engine, train, test, classes, seed)
         if predictions is None:
             continue  # under torchrun, rank 0 scores and records
-        if task_name == "voc_det":
-            metrics, extra = voc_detection_metrics(predictions, test, classes)
-        else:
-            results = coco_results(predictions, [c["id"] for c in coco.categories])
-            metrics, extra = coco_metrics(results, coco.annotation_file), {}
-            artifacts[f"coco_results_seed{seed}.json"] = json.dumps(results)
+        metrics, extra, files = recipe.score(predictions, test, classes, coco, seed)
+        artifacts.update(files)
         trials.append({"seed": seed, "metrics": metrics, **extra})
     if ctx.rank != 0:
         return NOTHING
@@ -94,6 +114,6 @@ def run(ctx, p, task_name) -> TaskOutput:
             "cleaning": dict(counts), "trials": trials}
     if p.trials > 1:
         info["std"] = {k: float(np.std([tr["metrics"][k] for tr in trials])) for k in names}
-    prefix = "voc_det_" if task_name == "voc_det" else "coco_"
-    return TaskOutput({prefix + k: v for k, v in mean.items()}, info, engine=engine, artifacts=artifacts,
-                      probe={"engine": engine, "max_iter": p.max_iter, "trials": p.trials})
+    return TaskOutput({recipe.metric_prefix + k: v for k, v in mean.items()}, info, engine=engine, artifacts=artifacts,
+                      probe={"engine": engine, "max_iter": p.max_iter, "trials": p.trials,
+                             **({"detector": "vitdet", "max_iter": p.vitdet_max_iter} if is_vit(ctx) else {})})

@@ -4,13 +4,23 @@
   as Detectron2's ROIAlignV2) pools proposals, res5 plus an extra BatchNorm (MoCo's
   Res5ROIHeadsExtraNorm) and average pooling make the box head.
 - coco_instseg: Mask R-CNN, FPN with BatchNorm, the 4conv1fc box head and the mask head with BatchNorm.
-Every norm layer is plain BatchNorm, trained (FREEZE_AT 0); the RPN / RoI settings are Detectron2's
-defaults for each backbone (values and their sources below). Differences from the Detectron2 engine are
-listed in the README.
+Every norm layer is BatchNorm, trained (FREEZE_AT 0), over the global batch under torchrun (batchnorm.py);
+the RPN / RoI settings are Detectron2's defaults for each backbone (values and their sources below).
+Differences from the Detectron2 engine are listed in the README.
+
+Reproducible by construction: the global batches come from `core.sampling` and every random choice of the
+detector is drawn per image (tv_random.py), so a run resumed at any checkpoint gives the uninterrupted
+run's weights bit for bit on the CPU, and a run on N processes the one-process run's within float
+rounding (tests/test_detection.py states the tolerance and why).
+
+Speed: loaders from `core.loading` (workers from the machine's cores, pinned memory and non-blocking
+copies on CUDA), the loss read from the device once per log period. cudnn.benchmark is left off, as
+Detectron2 leaves it (CUDNN_BENCHMARK False: the input sizes change every iteration, so it would re-tune
+for every shape), and channels_last is not used: torchvision's CUDA RoIAlign makes its input contiguous
+NCHW (csrc/ops/cuda/roi_align_kernel.cu), so every pooled feature map would be copied back.
 """
 import copy
-import math
-from dataclasses import replace
+import os
 
 import numpy as np
 import torch
@@ -24,11 +34,14 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from core.cli import UserError
+from core.loading import loader_options, resolve_workers
 from core.progress import progress
 from core.sampling import SeededBatches, SeededSamples
 from datasets.coco import annotation_mask
+from tasks.detection.batchnorm import global_batchnorm
 from tasks.detection.data import load_image
 from tasks.detection.metrics import encode_masks
+from tasks.detection.tv_random import image_seeds, seed_per_image
 
 # Detectron2 defaults (config/defaults.py), as MoCo's configs keep them: RPN.BATCH_SIZE_PER_IMAGE,
 # ROI_HEADS.SCORE_THRESH_TEST, NMS_THRESH_TEST, TEST.DETECTIONS_PER_IMAGE, the anchors, mask pooler 14.
@@ -87,17 +100,21 @@ def _settings(p):
                 **HEADS)
 
 
-def build(task, encoder, num_classes, p):
-    """The detector around a copy of the encoder (the run's other tasks keep the original)."""
+BUILDERS = {"c4": _c4, "fpn": _fpn}  # recipe.head -> the detector around a torchvision ResNet
+
+
+def build(recipe, encoder, num_classes, p):
+    """The recipe's detector around a copy of the encoder (the run's other tasks keep the original)."""
     trunk = copy.deepcopy(encoder).train()
-    return (_c4 if task == "voc_det" else _fpn)(trunk, num_classes, p)
+    return seed_per_image(BUILDERS[recipe.head](trunk, num_classes, p))
 
 
 # ---- data ---------------------------------------------------------------------------------------
 
 class Detections(torch.utils.data.Dataset):
-    """(image tensor in [0, 1], target) per index, flipped at random (p = 0.5) when `flip`: under
-    `core.sampling.SeededSamples` the flip depends only on (seed, pass, image); masks when `with_masks`."""
+    """(image tensor in [0, 1], target) per index, flipped at random (p = 0.5) when `flip`, with the image's
+    seeds for the detector's random choices (tv_random); under `core.sampling.SeededSamples` both depend only
+    on (seed, pass, image). Masks when `with_masks`."""
 
     def __init__(self, records, with_masks, flip):
         self.records, self.with_masks, self.flip = records, with_masks, flip
@@ -120,20 +137,34 @@ class Detections(torch.utils.data.Dataset):
                                            boxes[:, 3]], 1)
             if self.with_masks:
                 target["masks"] = target["masks"].flip(-1)
+        target["seeds"] = image_seeds()
         return image, target
+
+
+class TestImages(torch.utils.data.Dataset):
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return load_image(self.records[index]["file_name"])
 
 
 def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _loader(records, p, with_masks, seed, start, rank=0, world=1):
+def _loader(records, p, with_masks, seed, start, device, rank=0, world=1):
     """This process's share (ims_per_batch / world images) of each global batch from iteration `start` on:
     passes over the images in seeded orders (`core.sampling`), so a resumed run and a run on any number of
-    processes see the same global batches."""
+    processes see the same global batches. One endless loader per training (its workers live as long)."""
     sampler = SeededBatches(len(records), p.ims_per_batch, seed, start=start, rank=rank, world=world)
+    workers = resolve_workers(p.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # torchrun's count per node
     return torch.utils.data.DataLoader(SeededSamples(Detections(records, with_masks, p.flip), seed),
-                                       batch_sampler=sampler, collate_fn=_collate, num_workers=p.workers)
+                                       batch_sampler=sampler, collate_fn=_collate,
+                                       **loader_options(device, workers, reused=False))
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -158,34 +189,38 @@ def optimizer(model, p):
 
 
 def _to(images, targets, device):
-    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+    """A batch on the device (asynchronous copies from pinned memory on CUDA); the seeds stay Python integers."""
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # noqa: E731
+    return [move(i) for i in images], [{k: move(v) for k, v in t.items()} for t in targets]
 
 
-def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
+def train(model, records, p, recipe, device, seed, state, log, rank=0, world=1):
     """Trains for p.max_iter iterations; `state` (a StateFile) saves every checkpoint_period and resumes.
-    Under torchrun each process takes its share of every global batch (DDP averages the gradients; BN is
-    synchronised on CUDA) and rank 0 saves; the model returned is the plain module."""
+    Under torchrun each process takes its share of every global batch, DDP averages the gradients, every
+    BatchNorm normalises over the global batch (batchnorm.py) and rank 0 saves; then every process runs
+    precise BN on its share. The model returned is the plain module."""
     if p.ims_per_batch % world:
         raise UserError(f"ims_per_batch {p.ims_per_batch} is not divisible by the {world} processes")
+    device = torch.device(device)
     model.to(device).train()
     opt = optimizer(model, p)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start = 0
     saved = state.load()
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
         start = saved["iteration"]
         log(f"  resumed {state.path.name} at iteration {start}")
-    device = torch.device(device)
-    amp = device.type == "cuda"
     net = model
     if world > 1:
-        if amp:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, BN over the global batch
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if amp else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    batches = iter(_loader(records, p, task == "coco_instseg", seed, start, rank, world))
-    bar = progress(range(start, p.max_iter), f"{task} train", total=p.max_iter, initial=start, show=rank == 0)
+        model = global_batchnorm(model, device)  # the same parameters and buffers, BN over the global batch
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if amp else None)
+    batches = iter(_loader(records, p, recipe.masks, seed, start, device, rank, world))
+    bar = progress(range(start, p.max_iter), f"{recipe.task} train", total=p.max_iter, initial=start, show=rank == 0)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     for it in bar:
         for group in opt.param_groups:
             group["lr"] = p.base_lr * lr_factor(it, p)
@@ -193,36 +228,41 @@ def train(model, records, p, task, device, seed, state, log, rank=0, world=1):
         with torch.autocast("cuda", enabled=amp):
             losses = net(images, targets)
         loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the detection loss became {loss.item()} at iteration {it}")
+        nonfinite |= ~torch.isfinite(loss.detach())  # read from the device once per log period
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if rank == 0 and ((it + 1) % p.checkpoint_period == 0 or it + 1 == p.max_iter):
-            state.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1})
-    model = net.module if world > 1 else net
-    if rank == 0:
-        # the images Detectron2's PreciseBN averages over on `world` processes, here on one
-        precise_bn(model, records, replace(p, precise_bn_iters=p.precise_bn_iters * world), task, device, seed,
-                   world)
+        last = it + 1 == p.max_iter
+        if (it + 1) % p.log_period == 0 or last:
+            if nonfinite.item():
+                raise FloatingPointError(f"the detection loss was not finite between iterations "
+                                         f"{it + 2 - p.log_period} and {it + 1}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if rank == 0 and ((it + 1) % p.checkpoint_period == 0 or last):
+            state.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "iteration": it + 1})
+    precise_bn(model, records, p, recipe, device, seed, rank, world)
     return model
 
 
 @torch.no_grad()
-def precise_bn(model, records, p, task, device, seed, world=1):
-    """Detectron2's PreciseBN: BN statistics re-estimated as the plain mean over precise_bn_iters batches."""
+def precise_bn(model, records, p, recipe, device, seed, rank=0, world=1):
+    """Detectron2's PreciseBN (engine/hooks.py, run on every process under DDP): BN statistics re-estimated
+    with the trained weights as the plain mean, over precise_bn_iters global batches, of each batch's mean
+    and unbiased variance. Each process runs its share of every batch; with BN synchronised over the
+    processes (batchnorm.py) every process gets the statistics of the global batches, as on one process."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or p.precise_bn_iters <= 0:
         return
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    batches = iter(_loader(records, p, task == "coco_instseg", seed + 1, 0, 0, world))
+    batches = iter(_loader(records, p, recipe.masks, seed + 1, 0, device, rank, world))
     model.train()
-    for _ in range(p.precise_bn_iters):
+    for k in range(p.precise_bn_iters):
+        for m in bns:
+            m.momentum = 1.0 / (k + 1)  # the cumulative mean, without reading a counter from the device
         model(*_to(*next(batches), device))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -236,11 +276,12 @@ def predict(model, records, p, device):
     model.to(device).eval()
     model.transform.min_size = (p.test_size,)
     out = {}
-    for start in progress(range(0, len(records), p.test_batch), f"inference ({len(records)} images)"):
+    loader = torch.utils.data.DataLoader(TestImages(records), p.test_batch, collate_fn=list,
+                                         **loader_options(device, resolve_workers(p.workers), reused=False))
+    for start, images in zip(progress(range(0, len(records), p.test_batch), f"inference ({len(records)} images)"),
+                             loader):
         chunk = records[start:start + p.test_batch]
-        images = [load_image(r["file_name"]).to(device)
-                  for r in chunk]
-        for r, o in zip(chunk, model(images)):
+        for r, o in zip(chunk, model([i.to(device, non_blocking=True) for i in images])):
             pred = {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),
                     "labels": o["labels"].cpu().numpy() - 1}
             if "masks" in o:
