@@ -8,7 +8,8 @@ from datasets.catalog import SUBDIRS
 from datasets.imagenet import read_simclr_subset
 from tasks.classifier_training import SCHEDULES, train_and_score
 from tasks.context import TaskOutput
-from tasks.frozen import FrozenFeatureProtocol, input_normalization, read_splits
+from tasks.frozen import FrozenFeatureProtocol, default_tap, input_normalization, is_vit, read_splits
+from tasks.linear import subset_logistic_regression
 
 SEMISUP = "paper §8.2: SGD with Nesterov momentum 0.9, batch 1024"
 SIMCLR_B5 = ("not stated by the paper; SimCLR's semi-supervised protocol, whose 1%/10% lists the paper uses "
@@ -47,6 +48,10 @@ class SemisupProtocol(FrozenFeatureProtocol):
     vit_weight_decay: float = setting(0.05, "ViT finetuning: MAE main_finetune.py --weight_decay 0.05")
     vit_warmup_epochs: float = setting(5.0, "ViT finetuning: MAE main_finetune.py --warmup_epochs 5")
     vit_min_lr: float = setting(1e-6, "ViT finetuning: MAE main_finetune.py --min_lr 1e-6")
+    vit_frozen: str = setting("logreg", "a frozen ViT (encoder_lr 0, the 1% task): logreg = logistic regression on "
+                                        "the L2-normalised CLS features, L2 strength chosen on held-out subset images "
+                                        "(iBOT evaluation/eval_logistic_regression.py, MSN's protocol); sgd = the "
+                                        "ResNet classifier above", choices=("logreg", "sgd"))
 
 
 def run(ctx, p: SemisupProtocol, task_name="semisup") -> TaskOutput:
@@ -54,9 +59,14 @@ def run(ctx, p: SemisupProtocol, task_name="semisup") -> TaskOutput:
     subset = ctx.data_root / SUBDIRS["imagenet_subsets"] / p.train_subset
     train = read_simclr_subset(ctx.data_root / SUBDIRS["imagenet"], subset, num_classes=p.num_classes)
     info = {"train_subset": p.train_subset}
-    mean, std = input_normalization(ctx, p, info)
-    acc, extra = train_and_score(ctx, p, train, splits["test"], mean, std, task_name)
+    if is_vit(ctx) and p.encoder_lr == 0 and p.vit_frozen == "logreg":
+        acc, extra = subset_logistic_regression(ctx, p, train, splits["test"])
+        probe = {"probe": "semisup:logreg", "tap": default_tap(ctx)}
+    else:
+        mean, std = input_normalization(ctx, p, info)
+        acc, extra = train_and_score(ctx, p, train, splits["test"], mean, std, task_name)
+        probe = {"probe": "semisup:simclr", "epochs": p.epochs}
     if acc is None:
         return TaskOutput({})
     return TaskOutput({f"{p.metric_prefix}_top1": acc[1], f"{p.metric_prefix}_top5": acc[5]}, {**info, **extra},
-                      probe={"probe": "semisup:simclr", "epochs": p.epochs})
+                      probe=probe)

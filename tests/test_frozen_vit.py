@@ -236,3 +236,29 @@ def test_subset_logistic_regression_is_sklearns_on_l2_normalised_cls(demo_root, 
     assert acc[1] == pytest.approx(100 * (ref.predict(xte) == yte).mean())
     top5 = np.argsort(-ref.decision_function(xte), 1)[:, :5]
     assert acc[5] == pytest.approx(100 * (top5 == yte[:, None]).any(1).mean())
+
+
+def test_semisup_1pct_on_a_frozen_vit_is_the_subset_logistic_regression(demo_root, tmp_path):
+    """The 1% task on a ViT runs iBOT / MSN's logistic regression (checked against scikit-learn above) on the
+    task's own subset and validation images, not the ResNet SGD classifier; `vit_frozen=sgd` brings that back."""
+    from core.settings import with_overrides
+    from datasets.catalog import SUBDIRS, read_classification
+    from datasets.imagenet import read_simclr_subset
+    from tasks import semisup
+    from tasks.linear import subset_logistic_regression
+    from tasks.registry import TASKS
+
+    task = TASKS["semisup_1pct"]
+    p = with_overrides(with_overrides(task.protocol, task.demo, "demo"), {"resize": "36", "crop": "32",
+                                                                          "workers": "0"}, "test")
+    ctx = vit_context(demo_root, tmp_path)
+    out = semisup.run(ctx, p, "semisup_1pct")
+    assert out.probe == {"probe": "semisup:logreg", "tap": "cls"}
+    train = read_simclr_subset(demo_root / SUBDIRS["imagenet"], demo_root / SUBDIRS["imagenet_subsets"] /
+                               p.train_subset, num_classes=p.num_classes)
+    test = read_classification(demo_root, "imagenet", "val", p.num_classes, None)
+    acc, info = subset_logistic_regression(vit_context(demo_root, tmp_path / "again"), p, train, test)
+    assert out.metrics == {"semisup1_top1": acc[1], "semisup1_top5": acc[5]}
+    assert out.info["chosen_lambda"] == info["chosen_lambda"]
+    sgd = semisup.run(ctx, dataclasses.replace(p, vit_frozen="sgd", epochs=1), "semisup_1pct")
+    assert sgd.probe["probe"] == "semisup:simclr"
