@@ -28,8 +28,7 @@ def task_table() -> str:
 
     lines = ["tasks (name: what it measures | data under --data-root | protocol source):"]
     for t in TASKS.values():
-        state = "" if t.implemented else " [not implemented yet]"
-        lines.append(f"  {t.name}: {t.measures} | {t.needs} | {t.source}{state}")
+        lines.append(f"  {t.name}: {t.measures} | {t.needs} | {t.source}")
     return "\n".join(lines)
 
 
@@ -65,7 +64,8 @@ def parse_args(argv):
     p.add_argument("--seeds", help="several trials, e.g. 0,1,2: each task runs once per seed; the record keeps "
                                    "each trial and their mean and std (default: --seed)")
     p.add_argument("--resume", action="store_true",
-                   help="continue tasks that train (SGD linear probes) from their last epoch's checkpoint")
+                   help="continue the tasks that train (SGD probes, semi-supervised finetuning, detection) from their "
+                        "last checkpoint; under Slurm a requeued job adds it itself")
     p.add_argument("--force", action="store_true", help="redo runs that have a record already (default: a run "
                                                         "whose checkpoint, task, protocol, seeds and --demo match "
                                                         "a record is skipped)")
@@ -128,15 +128,6 @@ def select_tasks(spec: str):
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise UserError(f"unknown task {unknown[0] if unknown else spec!r}; known tasks: {', '.join(TASKS)}")
-    if spec != "all":
-        for n in names:
-            if not TASKS[n].implemented:
-                raise UserError(f"task {n} is not implemented yet")
-    else:
-        skipped = [n for n in names if not TASKS[n].implemented]
-        if skipped:
-            print(f"--task all: skipping tasks not implemented yet: {', '.join(skipped)}")
-        names = [n for n in names if TASKS[n].implemented]
     return [TASKS[n] for n in names]
 
 

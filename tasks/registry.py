@@ -1,7 +1,7 @@
 """Every task `evaluate/run.py` knows: what it measures, on which data, by whose protocol."""
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable
 
 from tasks import align_uniform, knn, linear, linear_sgd, semisup, voc07_svm
 from tasks.detection import protocol as detection
@@ -15,16 +15,12 @@ class Task:
     measures: str
     needs: str  # dataset folders under --data-root
     source: str
-    protocol: object = None  # the published protocol (a dataclass instance); None: not implemented yet
-    demo: dict = field(default_factory=dict)  # overrides for --demo (scaled-down data, same code path)
-    run: Optional[Callable] = None  # run(ctx, protocol) -> tasks.context.TaskOutput
+    protocol: object  # the published protocol (a dataclass instance)
+    demo: dict  # overrides for --demo (scaled-down data, same code path)
+    run: Callable  # run(ctx, protocol) -> tasks.context.TaskOutput
     distributed: Callable = lambda protocol: True  # whether the task runs under torchrun
     presets: dict = field(default_factory=dict)  # published protocols for --set protocol=NAME: {name: {key: (value, source)}}
     requires: tuple = ("frozen",)  # what it needs of the encoder's family (backbones.families.NEEDS)
-
-    @property
-    def implemented(self) -> bool:
-        return self.run is not None
 
 
 def _knn(name, ds, needs, demo_extra=None):
