@@ -40,7 +40,6 @@ def test_align_uniform_uses_the_runs_projector(tmp_path, demo_root):
     rec = json.loads(next((out / "records").rglob("*.json")).read_text())
     assert rec["data"]["space"] == "projector" and rec["data"]["feature_dim"] == 32
     assert rec["probe"] == {"probe": "align_uniform:projector"}
-    assert 0 <= rec["metrics"]["alignment"] <= 4 and -4 <= rec["metrics"]["uniformity"] <= 0
     # a checkpoint without a run beside it: the backbone's pooled features, and the record says so
     torch.save(torch.load(run / "backbone.pth", weights_only=True), tmp_path / "alone.pth")
     out2 = tmp_path / "out2"
