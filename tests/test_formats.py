@@ -194,19 +194,16 @@ def test_detection_refuses_a_stem_that_is_not_torchvisions(saved, capsys, tmp_pa
 
 
 def knn_metrics(path, out, *extra):
-    assert run_cli(["--ckpt", str(path), "--task", "knn_stl10", "--demo", "--out", str(out), *extra]) == 0
+    assert run_cli(["--ckpt", str(path), "--task", "knn_stl10", "--demo", "--no-report", "--out", str(out), *extra]) == 0
     return json.loads(next((Path(out) / "records").rglob("*.json")).read_text())
 
 
-def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys, demo_root, monkeypatch):
+def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys, demo_root):
     """One kNN run per naming scheme (lightly's Sequential, OBoW's feature blocks, Detectron2's, SimCLR v2's; the
     torchvision file is the reference) and for a stem set by metadata (CIFAR: no max-pool), against the same
     weights saved as a torchvision state_dict. Every other layout is checked above through identical tensors and
-    identical features, which fix the metric. The tables each run renders are not what this test is about (half
-    its time): tests/test_report.py renders them."""
-    import results.report
-
-    monkeypatch.setattr(results.report, "write_report", lambda *a, **k: ([], None))
+    identical features, which fix the metric. The tables are not what this test is about (half its time:
+    --no-report); tests/test_report.py renders them."""
     ref = knn_metrics(saved["torchvision"].path, tmp_path / "ref")
     assert ref["checkpoint"]["load"] == {"tensors_loaded": 100, "tensors_expected": 100, "unused": {"heads": 2}}
     # lightly's Sequential, OBoW's feature blocks and Detectron2's names hold the reference's very weights: the
