@@ -397,6 +397,9 @@ def make_encoder(ckpt_arg: str, arch=None, seed=0, format_name=None, part=None, 
             from backbones.vit import encoder_from_state
             from backbones.vit_layouts import spec_of
 
+            if arch is not None and not arch.startswith(info.arch):
+                raise UserError(f"the checkpoint holds a {info.arch} ({info.notes['architecture']}); --arch {arch} "
+                                "does not fit it")
             model = encoder_from_state(info.state_dict, spec_of(info), info.vit["heads"], info.vit["pos_rule"])
             return model.eval(), info, arch or info.arch
         arch = arch or info.arch

@@ -81,6 +81,11 @@ def supports(info, need: str):
     """None when the family meets a task need (NEEDS), else one sentence why not."""
     if need not in NEEDS:
         raise ValueError(f"unknown task need {need!r}")
+    if family(info) == "resnet" and need.startswith("detection") and getattr(info, "resnet", None) is not None \
+            and (info.stem != "torchvision" or not info.maxpool):
+        # both detection recipes (MoCo's C4, Detectron2's FPN) build on torchvision's stem: 7x7 conv and max-pool
+        return ("the detector is built on torchvision's ResNet stem (7x7 convolution and max-pool), and this "
+                f"checkpoint's stem is {info.notes.get('stem', info.stem)}")
     return UNSUPPORTED.get((family(info), need))
 
 

@@ -306,3 +306,42 @@ def test_finetuning_keeps_the_grid_it_learns_at_and_drop_path_follows_timm():
     ours = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.vit.blocks]
     theirs = [getattr(b.drop_path1, "drop_prob", 0.0) for b in ref.blocks]
     assert ours == pytest.approx(theirs)
+
+
+def test_dinov2_training_checkpoint_chunks_and_arch_check(vits, tmp_path):
+    """DINOv2 training checkpoints chunk their blocks (BlockChunk: blocks.C.N with the global index N); the same
+    weights load as the hub file does. An --arch the weights are not is refused."""
+    import re
+
+    s = vits["dinov2"]
+    sd = torch.load(s.path, weights_only=True)
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // 2}.{m.group(1)}.", k): v
+               for k, v in sd.items()}
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in chunked.items()}}, tmp_path / "teacher_checkpoint.pth")
+    model, info, _ = make_encoder(str(tmp_path / "teacher_checkpoint.pth"))
+    x = _input(s)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference_cls(s, x), rtol=1e-4, atol=1e-4)
+    assert info.release == "dinov2" and "chunked blocks (blocks.C.N.) renumbered" in info.vit["renamed"]
+    with pytest.raises(UserError, match="--arch vit_base_patch16_224 does not fit"):
+        make_encoder(str(s.path), arch="vit_base_patch16_224")
+
+
+def test_task_all_skips_what_the_family_does_not_support():
+    """--task all keeps every task the encoder supports and names the skipped one with the family's sentence; a
+    ResNet with another stem than torchvision's skips both detection tasks."""
+    from backbones.checkpoints import Checkpoint, ResNetInput
+    from evaluate.run import supported_tasks
+    from tasks.registry import TASKS
+
+    tasks = list(TASKS.values())
+    said = []
+    _, vit, _ = make_encoder("random", "vit_tiny_patch16_224")
+    kept, resolved = supported_tasks(tasks, [None] * len(tasks), vit, True, said.append)
+    assert [t.name for t in tasks if t not in kept] == ["voc_det"] and len(resolved) == len(kept)
+    assert said == ["--task all: skipping voc_det: " + supports(vit, "detection_c4")]
+    small = Checkpoint(None, "x", None, "w-mse", resnet=ResNetInput("3x3", True, 1), notes={"stem": "3x3 stem"})
+    kept, _ = supported_tasks(tasks, [None] * len(tasks), small, True, said.append)
+    assert {t.name for t in tasks if t not in kept} == {"voc_det", "coco_instseg"}
+    with pytest.raises(UserError, match="^coco_instseg: the detector is built on torchvision's ResNet stem"):
+        supported_tasks([TASKS["coco_instseg"]], [None], small, False, said.append)
