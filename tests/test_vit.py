@@ -335,13 +335,14 @@ def test_task_all_skips_what_the_family_does_not_support():
     from tasks.registry import TASKS
 
     tasks = list(TASKS.values())
+    todo = [(t, None) for t in tasks]  # the command's work items: (task, its protocol, ...)
     said = []
     _, vit, _ = make_encoder("random", "vit_tiny_patch16_224")
-    kept, resolved = supported_tasks(tasks, [None] * len(tasks), vit, True, said.append)
-    assert [t.name for t in tasks if t not in kept] == ["voc_det"] and len(resolved) == len(kept)
+    kept = [t for t, _ in supported_tasks(todo, vit, True, said.append)]
+    assert [t.name for t in tasks if t not in kept] == ["voc_det"]
     assert said == ["--task all: skipping voc_det: " + supports(vit, "detection_c4")]
     small = Checkpoint(None, "x", None, "w-mse", resnet=ResNetInput("3x3", True, 1), notes={"stem": "3x3 stem"})
-    kept, _ = supported_tasks(tasks, [None] * len(tasks), small, True, said.append)
+    kept = [t for t, _ in supported_tasks(todo, small, True, said.append)]
     assert {t.name for t in tasks if t not in kept} == {"voc_det", "coco_instseg"}
     with pytest.raises(UserError, match="^coco_instseg: the detector is built on torchvision's ResNet stem"):
-        supported_tasks([TASKS["coco_instseg"]], [None], small, False, said.append)
+        supported_tasks([(TASKS["coco_instseg"], None)], small, False, said.append)
