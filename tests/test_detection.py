@@ -153,9 +153,11 @@ def test_kill_9_during_training_then_resume_equals_the_uninterrupted_run(tmp_pat
 
     from core.files import REPO_ROOT
 
+    # the killed run uses this process's thread count, as the resumed and uninterrupted runs here do (sums over
+    # another count of threads round apart)
     job = subprocess.Popen([sys.executable, str(REPO_ROOT / "evaluate" / "run.py"), *_voc(tmp_path, *THREE)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
         while not list((tmp_path / "state").glob("voc_det__*.pt")):
             assert job.poll() is None, "the run ended before its first checkpoint"
