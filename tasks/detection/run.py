@@ -85,6 +85,8 @@ def _trial(ctx, p, recipe, engine, train, test, classes, seed):
 
 def run(ctx, p, task_name) -> TaskOutput:
     recipe = RECIPES[task_name]
+    if is_vit(ctx) and recipe.vit_refusal:  # whatever the engine, and whether or not Detectron2 imports
+        raise UserError(recipe.vit_refusal)
     engine = resolve_engine(p.engine)
     if ctx.world > 1 and engine == "detectron2":
         raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
