@@ -13,7 +13,10 @@
 #      and with protocol=wmse
 #   c. the same kNN and linear tasks on the CPU, and the metric differences (tolerance below)
 #   d. both detection engines (torchvision, Detectron2 when it imports) for 4 iterations on DEVICE
-#   e. images/s of extraction and pretraining on DEVICE beside the CPU (bench/throughput.py)
+#   e. images/s of extraction and pretraining on DEVICE beside the CPU (bench/throughput.py); a probe's loader
+#      rebuilt every epoch beside the suite's one loader (bench/loaders.py); a probe reading its loss every
+#      step beside EpochTotals, with syncs per step on CUDA, and the pretraining loop's host reads
+#      (bench/host_syncs.py)
 #   f. with 2 or more GPUs: torchrun with 2 processes for pretraining, extraction (kNN, linear) and
 #      torchvision detection; the evaluation records are compared with the one-process ones
 #
@@ -82,6 +85,12 @@ done
 say "e. images/s on $DEVICE beside the CPU"
 QUICK=$([ "$DEVICE" = cpu ] && echo --quick || true)
 run $PY bench/throughput.py --device "$DEVICE" $QUICK
+say "e. loaders rebuilt every epoch beside one loader, on $DEVICE"
+QUICK_LOADERS=$([ -n "$QUICK" ] && echo "--repeats 2" || true)
+QUICK_SYNCS=$([ -n "$QUICK" ] && echo "--steps 5 --repeats 2" || true)
+run $PY bench/loaders.py --device "$DEVICE" $QUICK_LOADERS
+say "e. host reads every step beside once per epoch, on $DEVICE"
+run $PY bench/host_syncs.py --device "$DEVICE" $QUICK_SYNCS
 
 # f. torchrun paths (two GPUs or more)
 if [ "$NGPU" -ge 2 ] && [ "$DEVICE" != cpu ]; then
