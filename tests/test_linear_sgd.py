@@ -137,8 +137,8 @@ def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_r
 
     args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--set", "epochs=2"]
     assert cli(args + ["--out", str(tmp_path / "one")]) == 0
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(REPO_ROOT / "evaluate" / "run.py"), *args,
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "2", str(REPO_ROOT / "evaluate" / "run.py"), *args,
                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
