@@ -18,7 +18,9 @@
 #      step beside EpochTotals, with syncs per step on CUDA, and the pretraining loop's host reads
 #      (bench/host_syncs.py)
 #   f. with 2 or more GPUs: torchrun with 2 processes for pretraining, extraction (kNN, linear) and
-#      torchvision detection; the evaluation records are compared with the one-process ones
+#      torchvision detection; the evaluation records are compared with the one-process ones; the Detectron2
+#      engine under torchrun and launched by plain python on every GPU (run, not compared: its sampling is
+#      drawn per process)
 #
 # Tolerance of (c) and (f): 0 when both sides run float32 on the CPU. On a GPU, features are extracted in
 # bfloat16/float16 (backbones.features.autocast_dtype), whose 8-11 mantissa bits move a demo metric by a
@@ -104,6 +106,12 @@ if [ "$NGPU" -ge 2 ] && [ "$DEVICE" != cpu ]; then
   say "f. torchrun detection (torchvision engine) beside one process"
   run $TR evaluate/run.py $EVAL --task voc_det --device cuda --set engine=torchvision $DET --out "$OUT/ddp_det"
   run $PY bench/compare_records.py "$OUT/det_torchvision" "$OUT/ddp_det" --tol "$TOL"
+  if [[ " $ENGINES " == *" detectron2 "* ]]; then
+    # Detectron2's RPN / RoI sampling draws per process, so its records are not compared with one process
+    say "f. Detectron2 engine under torchrun (2 processes, SyncBN), and launched by plain python on every GPU"
+    run $TR evaluate/run.py $EVAL --task voc_det --device cuda --set engine=detectron2 $DET --out "$OUT/ddp_det2"
+    run $PY evaluate/run.py $EVAL --task voc_det --device cuda --set engine=detectron2 $DET --out "$OUT/launch_det2"
+  fi
 else
   say "f. torchrun paths skipped: they need 2 GPUs ($NGPU visible)"
 fi

@@ -1,7 +1,12 @@
 """The Detectron2 engine: our config files (configs/*.yaml), the protocol's values over them, the
 checkpoint converted to Detectron2's names and loaded with its matching, DefaultTrainer (PreciseBN,
-periodic checkpoints, resume) and, with several GPUs, Detectron2's launcher. Only imported when
-Detectron2 is installed (README: Detection).
+periodic checkpoints, resume). Only imported when Detectron2 is installed (README: Detection).
+
+Processes: under torchrun (one node or several) every process is one of Detectron2's workers, in the
+process group the suite has joined (NCCL on GPUs, Gloo on CPUs), as Detectron2's own `launch` would have
+made it; with plain python on a machine with several GPUs, Detectron2's `launch` starts one worker per GPU.
+Either way the norm layers are synchronised over the global batch (SyncBN on GPUs; Detectron2's
+NaiveSyncBatchNorm on CPUs, where PyTorch's SyncBatchNorm does not run) and rank 0 predicts and scores.
 
 Resumable to the bit: Detectron2's own resume restores the weights, optimizer, scheduler and iteration but
 restarts its data stream and random generators, so a resumed run trains on other batches than the
@@ -11,6 +16,7 @@ a resumed run skips to its iteration), each image's augmentation (resize choice,
 is drawn under a seed of (seed, pass, image), and PyTorch's generator (the RPN and RoI sampling) is seeded
 at every iteration from (seed, iteration, rank).
 """
+import contextlib
 import itertools
 import os
 from pathlib import Path
@@ -52,18 +58,24 @@ def detectron2_weights(encoder, path):
     return path
 
 
-def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, test_name, num_classes, world):
+def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, test_name, num_classes, world,
+                launched=False):
+    """Our config file with the protocol's values, for `world` processes (`launched`: started by Detectron2's
+    launch on this machine's GPUs rather than by torchrun)."""
     cfg = get_cfg()
     cfg.merge_from_file(str(CONFIGS / recipe.d2_config))
     m, s = cfg.MODEL, cfg.SOLVER
-    # launched workers each take the GPU of their local rank ("cuda"); one process takes the device asked for
+    # workers started by Detectron2's launch each take the GPU of their local rank ("cuda"); one process, or a
+    # torchrun process, takes its own device (core.distributed.resolve_device)
     device = torch.device(device)
-    m.DEVICE = "cuda" if device.type == "cuda" and world > 1 else str(device)
+    m.DEVICE = "cuda" if launched else str(device)
     m.WEIGHTS = str(weights)
     m.RESNETS.DEPTH = DEPTHS[arch]
     if DEPTHS[arch] < 50:
         m.RESNETS.RES2_OUT_CHANNELS = 64  # Detectron2's BasicBlock ResNets
-    norm = "SyncBN" if world > 1 else "BN"  # synchronised BN across GPUs, plain BN on one device
+    # BN over the global batch with several processes: PyTorch's SyncBatchNorm on GPUs, Detectron2's
+    # NaiveSyncBatchNorm on CPUs (SyncBatchNorm runs on CUDA only); plain BN in one process
+    norm = "BN" if world == 1 else "SyncBN" if device.type == "cuda" else "naiveSyncBN"
     m.RESNETS.NORM = norm
     for node in recipe.d2_head_norms:
         m[node].NORM = norm
@@ -82,7 +94,7 @@ def make_config(recipe, p, arch, device, seed, output_dir, weights, train_name, 
     cfg.TEST.PRECISE_BN.ENABLED = p.precise_bn_iters > 0
     cfg.TEST.PRECISE_BN.NUM_ITER = max(p.precise_bn_iters, 1)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), (test_name,)
-    cfg.DATALOADER.NUM_WORKERS = resolve_workers(p.workers, world)
+    cfg.DATALOADER.NUM_WORKERS = resolve_workers(p.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     cfg.SEED, cfg.OUTPUT_DIR = seed, str(output_dir)
     cfg.freeze()
     return cfg
@@ -212,17 +224,57 @@ def _train_worker(cfg, train, test, classes, resume):
     return trainer.model
 
 
+def join_torchrun():
+    """Make this torchrun process one of Detectron2's workers: the process group is the suite's (joined by
+    core.distributed), and Detectron2's per-machine group (its `get_local_rank`, which DefaultTrainer's DDP
+    uses) is made once, as its `launch` makes it (comm.create_local_process_group, a collective)."""
+    if comm._LOCAL_PROCESS_GROUP is None:
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", comm.get_world_size())))
+
+
+@contextlib.contextmanager
+def cpu_ddp(device):
+    """On CPUs, DefaultTrainer's DistributedDataParallel without `device_ids`: Detectron2's create_ddp_model
+    passes [local rank], which DDP refuses for a module on the CPU. Nothing changes on GPUs."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if torch.device(device).type == "cpu":
+        defaults.create_ddp_model = lambda model, **kwargs: original(model, **{"device_ids": None, **kwargs})
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
 def train_and_predict(ctx, p, recipe, train, test, classes, seed, output_dir):
+    """Train from ctx.model and predict on `test` (rank 0; the other torchrun processes return None)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    weights = output_dir / "init_weights.pkl"
+    names = (f"ssl_suite_{recipe.task}_train", f"ssl_suite_{recipe.task}_test")
+    if ctx.world > 1:  # torchrun: this process is one worker
+        if ctx.rank == 0:
+            detectron2_weights(ctx.model, weights)
+        join_torchrun()
+        comm.synchronize()  # the weights are written before any worker reads them
+        cfg = make_config(recipe, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes),
+                          ctx.world)
+        with cpu_ddp(ctx.device):
+            model = _train_worker(cfg, train, test, classes, ctx.resume)
+        comm.synchronize()
+        if ctx.rank != 0:
+            return None
+        model = getattr(model, "module", model)
+        return predict(model, build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]))
     every_gpu = ctx.device.type == "cuda" and ctx.device_asked in (None, "auto", "cuda")  # not cuda:N
     world = torch.cuda.device_count() if every_gpu else 1
-    weights = detectron2_weights(ctx.model, output_dir / "init_weights.pkl")
-    names = (f"ssl_suite_{recipe.task}_train", f"ssl_suite_{recipe.task}_test")
-    cfg = make_config(recipe, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world)
+    detectron2_weights(ctx.model, weights)
+    cfg = make_config(recipe, p, ctx.arch, ctx.device, seed, output_dir, weights, *names, len(classes), world,
+                      launched=world > 1)
     if world > 1:
         launch(_train_worker, world, dist_url=dist_url(), args=(cfg, train, test, classes, ctx.resume))
         _register(names[1], test, classes)

@@ -2,9 +2,10 @@
 
 The engine is Detectron2 when it imports (protocol `engine=auto`), else torchvision; `--set engine=`
 chooses. Each trial (seed) trains from the checkpoint and keeps its state under `<out>/state/`, so
-`--resume` continues an interrupted run. The torchvision engine runs under torchrun (one process per
-GPU); Detectron2's engine starts its own processes. With trials > 1 the record holds every trial and
-the mean and std of each metric (MoCo reports VOC as the mean of 5).
+`--resume` continues an interrupted run. Both engines run under torchrun (one process per GPU, one
+node or several); with plain python on a machine with several GPUs Detectron2's engine starts its own
+process per GPU. ViTDet (a ViT's coco_instseg) runs in one process. With trials > 1 the record holds
+every trial and the mean and std of each metric (MoCo reports VOC as the mean of 5).
 """
 import importlib.util
 
@@ -87,10 +88,9 @@ def run(ctx, p, task_name) -> TaskOutput:
     recipe = RECIPES[task_name]
     if is_vit(ctx) and recipe.vit_refusal:  # whatever the engine, and whether or not Detectron2 imports
         raise UserError(recipe.vit_refusal)
+    if ctx.world > 1 and is_vit(ctx):
+        raise UserError("ViTDet runs in one process (on one GPU): run it with plain python, not torchrun")
     engine = resolve_engine(p.engine)
-    if ctx.world > 1 and engine == "detectron2":
-        raise UserError("the detectron2 engine starts its own process per GPU: run it with plain python, not "
-                        "torchrun (or use --set engine=torchvision under torchrun)")
     if is_vit(ctx):
         check_vit(recipe, engine)
     else:
