@@ -86,9 +86,9 @@ def children(pid):
 
 
 def sgd_argv(out_dir):
-    # Places205's SGD probe on the demo data, 4 epochs: it saves its state after every epoch (--resume)
+    # Places205's SGD probe on the demo data, 4 epochs at 32 px: it saves its state after every epoch (--resume)
     return ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--set", "epochs=4",
-            "--set", "workers=0", "--out", str(out_dir), "--no-report"]
+            "--set", "workers=0", "--set", "resize=36", "--set", "crop=32", "--out", str(out_dir), "--no-report"]
 
 
 def test_a_preempted_job_requeues_with_resume_and_writes_the_uninterrupted_record(tmp_path, capsys, demo_root):

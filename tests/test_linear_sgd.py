@@ -23,7 +23,9 @@ def metrics_of(out):
     return json.loads(next((out / "records").rglob("*.json")).read_text())["metrics"]
 
 
-ARGS = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo"]  # 3 epochs
+# 3 epochs, at 32 px: what these tests check (resume, damage, processes) does not depend on the image size
+SMALL_IMAGES = ["--set", "resize=36", "--set", "crop=32"]
+ARGS = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--no-report", *SMALL_IMAGES]
 
 
 def state_of(out):
@@ -108,7 +110,8 @@ def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path
     ckpt = tmp_path / "r18.pth"
     weights = torchvision.models.resnet18().state_dict()
     torch.save(weights, ckpt)
-    args = ["--ckpt", str(ckpt), "--task", "semisup_10pct,knn_in1k", "--demo", "--out", str(tmp_path / "a")]
+    args = ["--ckpt", str(ckpt), "--task", "semisup_10pct,knn_in1k", "--demo", "--no-report", *SMALL_IMAGES,
+            "--out", str(tmp_path / "a")]
     assert cli(args) == 0
     recs = {r["task"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "a" / "records").rglob("*.json"))}
     semi = recs["semisup_10pct"]
@@ -120,7 +123,8 @@ def test_semisup_tasks_train_on_the_subsets_and_leave_the_encoder_alone(tmp_path
     import backbones.features
 
     monkeypatch.setattr(backbones.features, "cache_dir", lambda: tmp_path / "fresh-cache")
-    assert cli(["--ckpt", str(ckpt), "--task", "knn_in1k", "--demo", "--out", str(tmp_path / "b")]) == 0
+    assert cli(["--ckpt", str(ckpt), "--task", "knn_in1k", "--demo", "--no-report", *SMALL_IMAGES,
+                "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "fresh-cache" / "features").is_dir()
     assert metrics_of(tmp_path / "b") == recs["knn_in1k"]["metrics"]
 
@@ -135,7 +139,7 @@ def test_torchrun_with_two_processes_trains_the_same_classifier(tmp_path, demo_r
 
     from core.files import REPO_ROOT
 
-    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "linear_places205", "--demo", "--set", "epochs=2"]
+    args = [*ARGS, "--set", "epochs=2"]
     assert cli(args + ["--out", str(tmp_path / "one")]) == 0
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            "2", str(REPO_ROOT / "evaluate" / "run.py"), *args,
