@@ -44,7 +44,12 @@ class PooledTrunk(nn.Module):
         return m.layer4(m.layer3(m.layer2(m.layer1(x))))
 
     def forward(self, x):
-        return nn.functional.avg_pool2d(self.trunk(x), self.kernel, self.stride).flatten(1)
+        fmap = self.trunk(x)
+        if min(fmap.shape[-2:]) < self.kernel:
+            raise UserError(f"the {x.shape[-1]} px input gives a last-stage map of {fmap.shape[-2]} x {fmap.shape[-1]}, "
+                            f"smaller than the {self.kernel} x {self.kernel} average pool of the res5 features; use "
+                            f"larger images (--set square=) or a smaller pool_kernel")
+        return nn.functional.avg_pool2d(fmap, self.kernel, self.stride).flatten(1)
 
 
 def autocast_dtype(device) -> torch.dtype:

@@ -44,8 +44,10 @@ def finish(job, timeout=300):
 
 
 def test_two_processes_give_the_one_process_metrics_and_features(tmp_path, demo_root):
+    # 32 px images (VOC's res5 map is then 1 x 1, pooled by 1): the sharding, not the image size, is tested
     args = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10,linear_stl10,voc07_svm", "--demo",
-            "--set", "save_features=true", "--set", "batch_size=10"]
+            "--no-report", "--set", "save_features=true", "--set", "batch_size=10", "--set", "resize=36",
+            "--set", "crop=32", "--set", "square=32", "--set", "pool_kernel=1"]
     assert cli(args + ["--out", str(tmp_path / "one")]) == 0
     cache = shared_cache(tmp_path, demo_root, "cache-two")
     stdout = finish(torchrun(args, tmp_path / "two", cache))

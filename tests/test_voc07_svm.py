@@ -198,3 +198,13 @@ def test_unknown_solver_is_a_user_error(tmp_path, capsys, demo_root):
     code = cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(tmp_path),
                 "--set", "solver=liblinear"])
     assert code == 2 and "solver" in capsys.readouterr().err
+
+
+def test_images_too_small_for_the_res5_pool_are_one_sentence(tmp_path, capsys, demo_root):
+    from evaluate.run import cli
+
+    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--no-report",
+                "--set", "square=32", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "last-stage map of 1 x 1, smaller than the 6 x 6 average pool" in err and "Traceback" not in err
+    assert not (tmp_path / "records").exists()
