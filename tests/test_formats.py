@@ -204,7 +204,8 @@ def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys
     weights saved as a torchvision state_dict. Every other layout is checked above through identical tensors and
     identical features, which fix the metric. The tables are not what this test is about (half its time:
     --no-report); tests/test_report.py renders them."""
-    ref = knn_metrics(saved["torchvision"].path, tmp_path / "ref")
+    small = ("--set", "resize=32", "--set", "crop=32")  # the same protocol for both files of a pair: 4x cheaper
+    ref = knn_metrics(saved["torchvision"].path, tmp_path / "ref", *small)
     assert ref["checkpoint"]["load"] == {"tensors_loaded": 100, "tensors_expected": 100, "unused": {"heads": 2}}
     # lightly's Sequential, OBoW's feature blocks and Detectron2's names hold the reference's very weights: the
     # record's encoder (tensors bit for bit, stem, input) is the reference's, so its kNN run would repeat it
@@ -218,17 +219,17 @@ def test_knn_metric_equals_the_torchvision_form(saved, saved50, tmp_path, capsys
         assert rec["key"] == saved[name].expect["key"] and rec["sha256"]
     cifar = saved["lightning-hydra-cifar"]
     torch.save(cifar.tensors, tmp_path / "cifar_tv.pth")
-    small = ("--set", "resize=32", "--set", "crop=32")  # the same protocol for both files of a pair: 4x cheaper
-    rec = knn_metrics(cifar.path, tmp_path / "cifar", *small)
+    tiny = ("--set", "resize=16", "--set", "crop=16")  # the pairs: 16 px (a last stage of 1 x 1 or more)
+    rec = knn_metrics(cifar.path, tmp_path / "cifar", *tiny)
     assert rec["checkpoint"]["maxpool"] is False and rec["checkpoint"]["stem"] == "3x3"
-    tv = knn_metrics(tmp_path / "cifar_tv.pth", tmp_path / "cifar_tv", "--set", "maxpool=false", *small)
+    tv = knn_metrics(tmp_path / "cifar_tv.pth", tmp_path / "cifar_tv", "--set", "maxpool=false", *tiny)
     assert tv["checkpoint"]["settings"] == {"maxpool": False} and tv["metrics"] == rec["metrics"]
     v2 = saved50["simclr-v2"]
     torch.save(v2.tensors, tmp_path / "v2_tv.pth")
-    rec = knn_metrics(v2.path, tmp_path / "v2", *small)
+    rec = knn_metrics(v2.path, tmp_path / "v2", *tiny)
     assert rec["checkpoint"]["input_normalization"] == [list(NONE[0]), list(NONE[1])]
     assert "from the checkpoint" in rec["data"]["input_normalization"]
-    tv = knn_metrics(tmp_path / "v2_tv.pth", tmp_path / "v2_tv", "--set", "normalize=none", *small)
+    tv = knn_metrics(tmp_path / "v2_tv.pth", tmp_path / "v2_tv", "--set", "normalize=none", *tiny)
     assert tv["metrics"] == rec["metrics"]
     capsys.readouterr()
 
