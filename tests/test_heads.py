@@ -1,15 +1,12 @@
 """Projection heads rebuilt from their weights, and Table 12's alignment / uniformity on the projector's
 L2-normalised outputs (Wang & Isola's unit-sphere embedding)."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 from backbones.heads import head_from_state_dict
-from core.files import REPO_ROOT
 from evaluate.run import cli
 from tasks.metrics import alignment, uniformity
 
@@ -32,18 +29,21 @@ def test_align_uniform_uses_the_runs_projector(tmp_path, demo_root):
     run = tmp_path / "run"
     tiny = ["crop_size=32", "batch_size=16", "epochs=1", "warmup_epochs=0", "max_steps=2", "workers=0",
             "proj_hidden=64", "pred_hidden=64", "proj_out=32", f"out_dir={run}"]
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain/train.py"), "--config", "demo", *tiny],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    from pretrain import train as train_mod
+    from pretrain.config import load_config
+
+    train_mod.train(load_config("demo", tiny)[0], "demo", log=lambda *a: None)
     out = tmp_path / "out"
-    assert cli(["--ckpt", str(run / "backbone.pth"), "--task", "align_uniform", "--demo", "--out", str(out)]) == 0
+    small = ["--no-report", "--set", "decode_size=36", "--set", "crop_size=32"]  # the space, not the size, is tested
+    assert cli(["--ckpt", str(run / "backbone.pth"), "--task", "align_uniform", "--demo", *small, "--out", str(out)]) == 0
     rec = json.loads(next((out / "records").rglob("*.json")).read_text())
     assert rec["data"]["space"] == "projector" and rec["data"]["feature_dim"] == 32
     assert rec["probe"] == {"probe": "align_uniform:projector"}
     # a checkpoint without a run beside it: the backbone's pooled features, and the record says so
     torch.save(torch.load(run / "backbone.pth", weights_only=True), tmp_path / "alone.pth")
     out2 = tmp_path / "out2"
-    assert cli(["--ckpt", str(tmp_path / "alone.pth"), "--task", "align_uniform", "--demo", "--out", str(out2)]) == 0
+    assert cli(["--ckpt", str(tmp_path / "alone.pth"), "--task", "align_uniform", "--demo", *small,
+                "--out", str(out2)]) == 0
     rec2 = json.loads(next((out2 / "records").rglob("*.json")).read_text())
     assert rec2["data"]["space"] == "backbone" and rec2["data"]["feature_dim"] == 512
 
