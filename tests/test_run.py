@@ -28,6 +28,10 @@ def one_sentence(err, message):
     return lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in err
 
 
+# 32 px inputs for the tests about what a run does (records, folders, seeds), not about the numbers it measures
+SMALL_IMAGES = ("--set", "resize=36", "--set", "crop=32")
+
+
 def run(capsys, *args):
     code = cli(list(args))
     out, err = capsys.readouterr()
@@ -44,8 +48,8 @@ def r18_ckpt(tmp_path_factory):
 
 def test_random_encoder_knn_and_linear(capsys, tmp_path, demo_root):
     tasks = "knn_in1k,knn_in100,knn_stl10,linear_in1k,linear_in100,linear_stl10,align_uniform"
-    code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", tasks, "--demo",
-                         "--out", str(tmp_path))
+    code, out, err = run(capsys, "--ckpt", "random", "--arch", "resnet18", "--task", tasks, "--demo", *SMALL_IMAGES,
+                         "--set", "decode_size=36", "--set", "crop_size=32", "--out", str(tmp_path))
     assert code == 0, err
     recs = {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in records_under(tmp_path)}
     assert set(recs) == set(tasks.split(","))
@@ -227,7 +231,7 @@ def test_a_run_folder_is_read_in_epoch_order_and_finished_runs_are_skipped(capsy
     os.link(run_dir / "backbone_epoch0010.pth", run_dir / "backbone.pth")  # the run's copies of its last epoch
     os.link(run_dir / "backbone_epoch0010.pth", run_dir / "last.pth")
     args = ["--ckpt", str(run_dir), "--task", "knn_stl10", "--demo", "--set", "k=5", "--out", str(tmp_path / "out"),
-            "--no-report"]
+            "--no-report", *SMALL_IMAGES]
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert "skipping backbone.pth, last.pth: the folder holds epoch checkpoints (3, epochs 1-10)" in out
@@ -284,7 +288,7 @@ def test_checkpoint_names_of_other_projects_give_their_epochs(tmp_path):
 
 
 def test_seeds_keep_each_trial_and_their_mean_and_std(capsys, tmp_path, r18_ckpt, demo_root):
-    base = ["--ckpt", str(r18_ckpt), "--task", "linear_stl10", "--demo", "--no-report"]
+    base = ["--ckpt", str(r18_ckpt), "--task", "linear_stl10", "--demo", "--no-report", *SMALL_IMAGES]
     singles = {}
     for seed in (0, 1, 2):  # independent runs, one seed each
         code, out, err = run(capsys, *base, "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}"))
