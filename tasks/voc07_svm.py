@@ -12,10 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import average_precision_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
 
 from backbones.features import PooledTrunk, extract_features
 from core.cli import UserError
@@ -70,6 +66,8 @@ DEMO = {}  # the demo VOC images (160 x 120) go through the real transform and f
 
 
 def _svm(cost, p):
+    from sklearn.svm import LinearSVC  # scikit-learn loads in 1.4 s: imported where it is used, not by every command
+
     return LinearSVC(C=cost, class_weight={1: p.positive_weight, -1: 1.0}, penalty="l2", loss="squared_hinge",
                      dual=True, max_iter=p.max_iter, tol=p.tol, intercept_scaling=1.0, random_state=0)
 
@@ -77,6 +75,8 @@ def _svm(cost, p):
 def _cv_splits(y, p):
     """StratifiedKFold (unshuffled, as the reference) over the trainval labels of one class; [] if too few."""
     folds = min(p.folds, int((y > 0).sum()), int((y < 0).sum()))
+    from sklearn.model_selection import StratifiedKFold
+
     return list(StratifiedKFold(n_splits=folds).split(y, y)) if folds >= 2 else []
 
 
@@ -86,6 +86,8 @@ def _best(scores, p):
 
 def choose_cost(x, y, p):
     """The cost with the best mean cross-validated AP, trained with LinearSVC; (cost, {cost: AP})."""
+    from sklearn.metrics import average_precision_score
+
     split = _cv_splits(y, p)
     if not split:
         return None, {}
@@ -101,6 +103,8 @@ def choose_cost(x, y, p):
 
 def _sklearn_scores(xtr, labels, xte, p):
     """Per class: (cost, test decision values) with LinearSVC, one problem at a time."""
+    from sklearn.exceptions import ConvergenceWarning
+
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear at C=1000 rarely converges; as the reference
@@ -115,6 +119,8 @@ def _fast_scores(xtr, labels, xte, p, device, shared=None):
     """The same protocol with the (class, fold) problems trained together by `fit_linear_svms`, one cost after
     the other in increasing order, each started from the solution of the previous cost (a warm start).
     shared: `SharedFeatures` of xtr from an earlier call (bench/svm.py runs the classes one at a time)."""
+    from sklearn.metrics import average_precision_score
+
     shared = shared or SharedFeatures(xtr, device)
     problems = []  # (class, validation indices, train mask)
     for c, y in labels.items():
