@@ -76,24 +76,21 @@ def extract(split, rank=0, world=1, log=print):
                             batch_size=10, num_workers=0, rank=rank, world=world, log=log)
 
 
-def rank_process(rank, store, cache, demo_root, views, results):
-    """One of two gloo processes; `views[rank]` is what this rank would find in the cache if it looked:
-    'none' (no file), 'good' (a good copy) or 'damaged' (a truncated copy)."""
+CASES = {"appears-for-rank-1": ("none", "good"), "disappears-for-rank-1": ("good", "none"),
+         "damaged-for-rank-0": ("damaged", "good"), "damaged-for-rank-1": ("good", "damaged")}
+
+
+def rank_process(rank, store, cases, demo_root, results):
+    """One of two gloo processes, running every case in turn (one process start-up for all of them). Per case
+    (cache folder, views): `views[rank]` is what this rank would find in the cache if it looked: 'none' (no
+    file), 'good' (a good copy) or 'damaged' (a truncated copy)."""
     import os
 
     import torch.distributed as dist
 
     import backbones.features as features
 
-    os.environ["SSL_SUITE_CACHE"] = str(cache)
-    real = features.read_cache
-
-    def this_ranks_view(path, log=print):
-        view = views[rank]
-        return None if view == "none" else real(Path(cache) / f"{view}.pt", log)
-
-    features.read_cache = this_ranks_view
-    write = features.atomic_torch_save
+    real, write = features.read_cache, features.atomic_torch_save
 
     def slow_entry_write(obj, path):  # rank 0 writes the joined entry late: the others must wait for it
         if ".part" not in Path(path).name:
@@ -103,46 +100,57 @@ def rank_process(rank, store, cache, demo_root, views, results):
     features.atomic_torch_save = slow_entry_write
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
-    lines = []
-    x, y, info = extract(stl10_test_split(Path(demo_root)), rank, 2, log=lines.append)
-    # released only once the entry is whole on disk (a rank that goes on may read it at once)
-    entry_ready = real(Path(cache) / "features" / f"{info['cache_key']}.pt", lines.append) is not None
+    split = stl10_test_split(Path(demo_root))
+    for case, (cache, views) in enumerate(cases):
+        os.environ["SSL_SUITE_CACHE"] = str(cache)
+        view = views[rank]
+        features.read_cache = lambda path, log=print: None if view == "none" else real(Path(cache) / f"{view}.pt", log)
+        lines = []
+        x, y, info = extract(split, rank, 2, log=lines.append)
+        # released only once the entry is whole on disk (a rank that goes on may read it at once)
+        entry_ready = real(Path(cache) / "features" / f"{info['cache_key']}.pt", lines.append) is not None
+        # numpy arrays travel by value (a tensor would be shared memory that dies with this process)
+        results.put((case, rank, info["cache"], None if x is None else x.numpy(), None if y is None else y.numpy(),
+                     lines + ([] if entry_ready else ["entry not ready"])))
+        dist.barrier()
     dist.destroy_process_group()
-    # numpy arrays travel by value (a tensor would be shared memory that dies with this process)
-    results.put((rank, info["cache"], None if x is None else x.numpy(), None if y is None else y.numpy(),
-                 lines + ([] if entry_ready else ["entry not ready"])))
 
 
-@pytest.mark.parametrize("views", [("none", "good"), ("good", "none"), ("damaged", "good"), ("good", "damaged")],
-                         ids=["appears-for-rank-1", "disappears-for-rank-1", "damaged-for-rank-0",
-                              "damaged-for-rank-1"])
-def test_rank_0_decides_for_every_rank(tmp_path, monkeypatch, demo_root, views):
-    """The cache file appears, disappears or breaks between the two ranks' looks: both take rank 0's branch, finish
-    (no hang: a 30 s collective timeout) and rank 0's features are the one-process features."""
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, demo_root):
+    """Every case of CASES run by the same two gloo processes, each case in a cache folder of its own that holds
+    the one-process entry ('good' and 'damaged' copies beside it; the entry itself only where rank 0 finds it)."""
+    import shutil
+
     import torch.multiprocessing as mp
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("SSL_SUITE_CACHE", str(cache))
+    root = tmp_path_factory.mktemp("two_ranks")
     split = stl10_test_split(demo_root)
-    reference, labels, cold = extract(split)
-    [entry] = (cache / "features").glob("*.pt")
-    (cache / "good.pt").write_bytes(entry.read_bytes())
-    (cache / "damaged.pt").write_bytes(entry.read_bytes()[:1000])
-    if views[0] != "good":
-        entry.unlink()  # what rank 0 finds decides; the real entry is where a miss writes it
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SSL_SUITE_CACHE", str(root / "reference"))
+        reference, labels, _ = extract(split)
+    [entry] = (root / "reference" / "features").glob("*.pt")
+    cases = []
+    for name, views in CASES.items():
+        cache = root / name
+        (cache / "features").mkdir(parents=True)
+        (cache / "good.pt").write_bytes(entry.read_bytes())
+        (cache / "damaged.pt").write_bytes(entry.read_bytes()[:1000])
+        if views[0] == "good":  # what rank 0 finds decides; the real entry is where a miss writes it
+            shutil.copy(entry, cache / "features" / entry.name)
+        cases.append((cache, views))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=rank_process, args=(r, tmp_path / "store", cache, demo_root, views, results))
-             for r in range(2)]
+    procs = [ctx.Process(target=rank_process, args=(r, root / "store", cases, demo_root, results)) for r in range(2)]
     for p in procs:
         p.start()
     got = {}
     try:
-        deadline = time.monotonic() + 90
-        while len(got) < 2:
+        deadline = time.monotonic() + 150
+        while len(got) < 2 * len(cases):
             try:
-                rank, status, x, y, lines = results.get(timeout=1)
-                got[rank] = status, x, y, lines
+                case, rank, status, x, y, lines = results.get(timeout=1)
+                got[list(CASES)[case], rank] = status, x, y, lines
             except queue.Empty:
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 assert not failed and time.monotonic() < deadline, f"a rank failed or hung (exit codes {failed})"
@@ -151,14 +159,25 @@ def test_rank_0_decides_for_every_rank(tmp_path, monkeypatch, demo_root, views):
             p.join(10)
             if p.is_alive():
                 p.kill()
+    return got, reference, labels, entry.name, root
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rank_0_decides_for_every_rank(monkeypatch, demo_root, two_ranks, case):
+    """The cache file appears, disappears or breaks between the two ranks' looks: both take rank 0's branch, finish
+    (no hang: a 30 s collective timeout) and rank 0's features are the one-process features."""
+    got, reference, labels, entry, root = two_ranks
+    views, cache = CASES[case], root / case
     expected = "hit" if views[0] == "good" else "miss"
-    assert got[0][0] == got[1][0] == expected
-    assert torch.equal(torch.from_numpy(got[0][1]), reference) and torch.equal(torch.from_numpy(got[0][2]), labels)
-    assert got[1][1] is None
-    assert sum("unreadable" in line for r in got for line in got[r][3]) == (views[0] == "damaged")
-    assert not any("entry not ready" in line for r in got for line in got[r][3])
-    assert [p.name for p in (cache / "features").iterdir()] == [entry.name]  # no shard left behind
-    again, _, info = extract(split)
+    assert got[case, 0][0] == got[case, 1][0] == expected
+    assert torch.equal(torch.from_numpy(got[case, 0][1]), reference)
+    assert torch.equal(torch.from_numpy(got[case, 0][2]), labels)
+    assert got[case, 1][1] is None
+    assert sum("unreadable" in line for r in range(2) for line in got[case, r][3]) == (views[0] == "damaged")
+    assert not any("entry not ready" in line for r in range(2) for line in got[case, r][3])
+    assert [p.name for p in (cache / "features").iterdir()] == [entry]  # no shard left behind
+    monkeypatch.setenv("SSL_SUITE_CACHE", str(cache))
+    again, _, info = extract(stl10_test_split(demo_root))
     assert info["cache"] == "hit" and torch.equal(again, reference)
 
 
