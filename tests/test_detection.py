@@ -686,3 +686,25 @@ def test_a_vit_gets_one_sentence_for_voc_c4_and_for_the_torchvision_engine(tmp_p
     under_torchrun = replace(_vit_context(tmp_path), rank=0, world=2)
     with pytest.raises(UserError, match="ViTDet runs in one process"):
         detection_run.run(under_torchrun, _vitdet_protocol(engine="detectron2"), "coco_instseg")
+
+
+def test_engine_auto_takes_torchvision_for_a_resnet_detectron2s_c4_head_cannot_take(monkeypatch):
+    """With Detectron2 importable, `auto` is Detectron2, but for a ResNet-18 on VOC's C4 recipe (its box head is
+    a bottleneck res5) the torchvision engine, said in one line; an asked-for engine is never replaced."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from tasks.detection import run as detection_run
+    from tasks.detection.recipes import RECIPES
+
+    monkeypatch.setattr(detection_run.importlib.util, "find_spec", lambda name: object())  # "Detectron2 imports"
+    said = []
+    voc, coco = RECIPES["voc_det"], RECIPES["coco_instseg"]
+    auto = replace(voc.protocol, engine="auto")
+    ctx = lambda arch: SimpleNamespace(arch=arch, log=said.append)  # noqa: E731
+    assert detection_run.choose_engine(ctx("resnet18"), auto, voc) == "torchvision"
+    assert len(said) == 1 and "needs a ResNet-50 or deeper and this checkpoint is resnet18" in said[0]
+    assert detection_run.choose_engine(ctx("resnet50"), auto, voc) == "detectron2"
+    assert detection_run.choose_engine(ctx("resnet18"), replace(coco.protocol, engine="auto"), coco) == "detectron2"
+    asked = replace(voc.protocol, engine="detectron2")
+    assert detection_run.choose_engine(ctx("resnet18"), asked, voc) == "detectron2" and len(said) == 1

@@ -33,6 +33,18 @@ def resolve_engine(name):
     return name
 
 
+def choose_engine(ctx, p, recipe):
+    """The engine of this run: `engine=` resolved, and with `auto` the torchvision engine for a ResNet that
+    Detectron2's recipe cannot take (its C4 box head is a bottleneck res5: ResNet-50 or deeper), saying so."""
+    engine = resolve_engine(p.engine)
+    depth = int(ctx.arch[len("resnet"):]) if ctx.arch in TORCHVISION_RESNETS else None
+    if p.engine == "auto" and engine == "detectron2" and depth is not None and depth < recipe.d2_min_depth:
+        ctx.log(f"  engine=auto: torchvision, as Detectron2's {recipe.detector} needs a ResNet-{recipe.d2_min_depth} "
+                f"or deeper and this checkpoint is {ctx.arch}")
+        return "torchvision"
+    return engine
+
+
 TORCHVISION_VIT = ("the torchvision engine builds ResNet detectors only (it has no simple feature pyramid for a "
                    "ViT); a ViT's detection is ViTDet through Detectron2: coco_instseg with --set engine=detectron2")
 
@@ -90,7 +102,7 @@ def run(ctx, p, task_name) -> TaskOutput:
         raise UserError(recipe.vit_refusal)
     if ctx.world > 1 and is_vit(ctx):
         raise UserError("ViTDet runs in one process (on one GPU): run it with plain python, not torchrun")
-    engine = resolve_engine(p.engine)
+    engine = choose_engine(ctx, p, recipe)
     if is_vit(ctx):
         check_vit(recipe, engine)
     else:
