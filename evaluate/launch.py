@@ -228,8 +228,13 @@ def submit_jobs(executor, commands, array=False) -> list:
     return [executor.submit(EvalJob(c)) for c in commands]
 
 
-def follow(jobs, poll_s=5.0, out=None) -> list:
+# how often --wait asks the scheduler about the jobs (each ask of a Slurm executor runs sacct)
+POLL_S = 5.0
+
+
+def follow(jobs, poll_s=None, out=None) -> list:
     """A progress bar over the jobs until all are done; the failed ones as (job, error text)."""
+    poll_s = POLL_S if poll_s is None else poll_s
     from tqdm import tqdm
 
     out = sys.stderr if out is None else out

@@ -133,10 +133,12 @@ def test_slurm_launcher_end_to_end_on_the_local_executor(tmp_path, capsys, monke
 
     real = launch.make_executor
     monkeypatch.setattr(launch, "make_executor", lambda kind, folder, settings: real("local", folder, settings))
+    monkeypatch.setattr(launch, "POLL_S", 0.1)  # local jobs: no scheduler to spare
     torch.manual_seed(3)
     ckpt = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), ckpt)
     argv = ["--ckpt", f"random,{ckpt}", "--arch", "resnet18", "--task", "knn_stl10", "--demo", "--set", "k=5",
+            "--set", "resize=36", "--set", "crop=32",  # 32 px images: the jobs, not the features, are tested
             "--out", str(tmp_path / "out"), "--launcher", "slurm", "--partition", "gpu", "--array", "--wait"]
     assert cli(argv) == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
