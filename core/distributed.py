@@ -42,9 +42,16 @@ def resolve_device(requested=None, world=None, option="--device ") -> torch.devi
     return torch.device("cpu")
 
 
+# Whether setup_distributed made the process group: shutdown leaves a group that its caller made to the caller
+# (a script that runs several trainings or evaluations in one torchrun keeps its group between them).
+_made_the_group = False
+
+
 def setup_distributed(device: torch.device):
     """Place this process on `device` (from `resolve_device`): make it the current CUDA device, and under torchrun
-    (WORLD_SIZE > 1) join the process group (NCCL on CUDA, Gloo on CPU). Returns (torch.device, rank, world)."""
+    (WORLD_SIZE > 1) join the process group (NCCL on CUDA, Gloo on CPU) unless the caller already has.
+    Returns (torch.device, rank, world)."""
+    global _made_the_group
     device = torch.device(device)
     world = world_size()
     rank = int(os.environ.get("RANK", "0"))
@@ -55,6 +62,7 @@ def setup_distributed(device: torch.device):
         # a long timeout, so that a large test set does not end the run.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3),
                                 device_id=device if device.type == "cuda" else None)
+        _made_the_group = True
     return device, rank, world
 
 
@@ -95,8 +103,11 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    if initialized():
+    """Leave the process group that setup_distributed made (one made by the caller stays)."""
+    global _made_the_group
+    if initialized() and _made_the_group:
         dist.destroy_process_group()
+        _made_the_group = False
 
 
 def broadcast_object(obj, src: int = 0):

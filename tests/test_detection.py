@@ -173,42 +173,29 @@ def test_kill_9_during_training_then_resume_equals_the_uninterrupted_run(tmp_pat
     assert _record(tmp_path)["metrics"] == rec["metrics"]
 
 
-def test_torchvision_engine_under_torchrun_equals_one_process(tmp_path, demo_root):
+def test_torchvision_engine_under_torchrun_equals_one_process(tmp_path, two_processes):
     """2 processes over Gloo (each trains on its half of every batch, BN over the global batch, precise BN on
     every process, rank 0 scores) against one process on the same global batches.
 
     Tolerance: weights within 1e-5 (measured: 2.4e-7) and metrics within 1e-3 AP points (measured: equal),
     float rounding only: the processes sum BN statistics and gradients in another order than one process
-    does over the whole batch. One training step: after it those rounding differences change which of a
-    random RPN's near-equal proposals top-k and NMS keep, and the runs drift apart by more than any float
-    tolerance (the same holds for Detectron2 on GPUs). The images have one size (the demo's 160 x 120 at one
-    training scale): with several scales each process pads its images to its own largest, and the padding
-    enters the BN statistics."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from core.files import REPO_ROOT
-
+    does over the whole batch. One training step (run in the two_processes fixture's torchrun): after it those
+    rounding differences change which of a random RPN's near-equal proposals top-k and NMS keep, and the runs
+    drift apart by more than any float tolerance (the same holds for Detectron2 on GPUs). The images have one
+    size (the demo's 160 x 120 at one training scale): with several scales each process pads its images to its
+    own largest, and the padding enters the BN statistics."""
+    _, two_out, stdout = two_processes
     assert cli(_voc(tmp_path / "one", *ONE)) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(REPO_ROOT / "evaluate" / "run.py"), *_voc(tmp_path / "two", *ONE)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("record:") == 1
-    one, two = _record(tmp_path / "one"), _record(tmp_path / "two")
+    assert stdout.count("record:") == 1
+    one, two = _record(tmp_path / "one"), _record(two_out)
     assert two["data"]["processes"] == 2 and one["data"]["processes"] == 1
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-3)
-    _assert_same_weights(_trained_weights(tmp_path / "two")["model"], _trained_weights(tmp_path / "one")["model"],
-                         atol=1e-5)
+    _assert_same_weights(_trained_weights(two_out)["model"], _trained_weights(tmp_path / "one")["model"], atol=1e-5)
 
 
 # Run by torchrun in two Gloo processes: GlobalBatchNorm2d on this rank's half of a batch, and precise BN on
-# this rank's share of the detection batches; each rank saves what it computed.
+# this rank's share of the detection batches; each rank saves what it computed. Then, in the same processes (one
+# torchrun start instead of two), evaluate/run.py's voc_det on the torchvision engine, one iteration.
 TWO_PROCESS_SCRIPT = """
 import sys
 import torch
@@ -235,6 +222,9 @@ tv_engine.precise_bn(model, records, p, VOC_C4, device, 0, rank, world)
 torch.save({"out": out.detach(), "input_grad": part.grad, "param_grads": grads,
             "running": (bn.running_mean, bn.running_var),
             "precise": {k: v for k, v in model.state_dict().items() if "running" in k}}, sys.argv[1] + f"/rank{rank}.pt")
+from evaluate.run import cli
+from tests.test_detection import ONE, _voc
+sys.exit(cli(_voc(sys.argv[1] + "/eval", *ONE)))
 """
 
 
@@ -282,7 +272,7 @@ def two_processes(tmp_path_factory, demo_root):
                            str(port), str(out / "script.py"), str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], out / "eval", done.stdout
 
 
 def test_global_batchnorm_on_two_processes_is_batchnorm_over_the_whole_batch(two_processes):
@@ -294,9 +284,10 @@ def test_global_batchnorm_on_two_processes_is_batchnorm_over_the_whole_batch(two
     (out * weights).sum().backward()
     bn(x.detach() * 2 + 1)
     close = dict(rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.cat([r["out"] for r in two_processes]), out.detach(), **close)
-    torch.testing.assert_close(torch.cat([r["input_grad"] for r in two_processes]), x.grad, **close)
-    for r in two_processes:
+    ranks = two_processes[0]
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), **close)
+    torch.testing.assert_close(torch.cat([r["input_grad"] for r in ranks]), x.grad, **close)
+    for r in ranks:
         torch.testing.assert_close(r["param_grads"], [bn.weight.grad, bn.bias.grad], **close)
         torch.testing.assert_close(r["running"], (bn.running_mean, bn.running_var), **close)
 
@@ -326,7 +317,7 @@ def test_precise_bn_on_every_process_equals_one_process_over_the_whole_batches(t
     for name, stats in seen.items():
         torch.testing.assert_close(one[name + ".running_mean"], torch.stack([m for m, _ in stats]).mean(0))
         torch.testing.assert_close(one[name + ".running_var"], torch.stack([v for _, v in stats]).mean(0))
-    for r in two_processes:
+    for r in two_processes[0]:
         torch.testing.assert_close(r["precise"], one, rtol=1e-4, atol=1e-5)
 
 

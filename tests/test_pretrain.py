@@ -396,21 +396,51 @@ def test_unreadable_image_in_a_worker_is_one_sentence(tmp_path, demo_root, capsy
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("config", ["demo", "demo_mocov2"])
-def test_two_process_ddp_on_cpu(tmp_path, demo_root, config):
+# Run by torchrun in two Gloo processes: one group (made here, so that each training keeps it) for the trainings
+# of sys.argv[1] (JSON [[config, overrides]]), one after the other: one torchrun start for both.
+DDP_SCRIPT = """
+import json
+import sys
+import torch.distributed as dist
+from pretrain.config import load_config
+from pretrain.train import train
+
+dist.init_process_group("gloo")
+for config, overrides in json.loads(sys.argv[1]):
+    cfg, name = load_config(config, overrides)
+    train(cfg, name, log=print if dist.get_rank() == 0 else (lambda *a: None))
+dist.destroy_process_group()
+"""
+DDP_CONFIGS = ("demo", "demo_mocov2")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, demo_root):
+    """Both DDP trainings under one torchrun with 2 CPU processes (OMP_NUM_THREADS=1): the output folder of each."""
+    out = tmp_path_factory.mktemp("ddp")
+    (out / "script.py").write_text(DDP_SCRIPT)
+    runs = {"demo": [*TINY, "max_steps=2"],
+            "demo_mocov2": [*tiny_overrides("demo_mocov2"), "batch_size=16", "queue_size=32"]}
+    plan = [[config, [*runs[config], f"out_dir={out / config}"]] for config in DDP_CONFIGS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(out / "script.py"), json.dumps(plan)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {config: out / config for config in DDP_CONFIGS}
+
+
+@pytest.mark.parametrize("config", DDP_CONFIGS)
+def test_two_process_ddp_on_cpu(two_process_runs, config):
     """torchrun with 2 CPU processes (gloo): MSBReg's singular value loss sees the global batch; MoCo's keys of
     both processes enter the queue, and each process splits its own part of the batch for BatchNorm."""
-    args = [*TINY, "max_steps=2"] if config == "demo" else [*tiny_overrides(config), "batch_size=16", "queue_size=32"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "pretrain/train.py"), "--config", config, *args, f"out_dir={tmp_path / 'ddp'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "ddp" / "backbone.pth").is_file()
+    out = two_process_runs[config]
+    assert (out / "backbone.pth").is_file()
     import yaml
 
     # sync_bn=auto in force: off, as SyncBatchNorm needs CUDA (on 2 GPUs it is on: test_sync_bn_follows_...)
-    assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["sync_bn"] == "false"
-    state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["sync_bn"] == "false"
+    state = torch.load(out / "last.pth", weights_only=True)
     assert math.isfinite(state["metrics"]["loss"])
     if config == "demo_mocov2":  # 2 steps x 16 keys (8 from each process) fill the queue of 32 exactly once
         assert int(state["target"]["queue_ptr"]) == 0 and state["target"]["queue"].shape == (32, 16)
