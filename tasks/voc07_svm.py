@@ -181,13 +181,13 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
     elif p.feature == "res5":
         model = PooledTrunk(ctx.model, p.pool_kernel, p.pool_stride)
         layer = tap = f"res5-avgpool{p.pool_kernel}s{p.pool_stride}"
-    feats, precision = {}, None
+    feats, precision, cache = {}, None, {}
     for name, data in splits.items():
         x, _, extra = extract_features(model, ctx.checkpoint.cache_id, ctx.arch, data, transform,
                                        device=ctx.device, batch_size=p.batch_size, num_workers=p.workers,
                                        skip_bad_images=p.skip_bad_images, log=ctx.log, rank=ctx.rank,
                                        world=ctx.world, layer=layer)
-        precision = extra["precision"]
+        precision, cache[name] = extra["precision"], extra["cache"]
         if x is not None:
             feats[name] = (F.normalize(x, dim=1).numpy().astype(np.float64),
                            data.notes["targets"][extra["index"].numpy()])
@@ -199,7 +199,8 @@ def run(ctx, p: Voc07SvmProtocol) -> TaskOutput:
         raise UserError("no VOC class has positives in both trainval and test")
     info = {"train_size": len(xtr), "test_size": len(xte), "feature_dim": xtr.shape[1], "feature_layer": layer,
             "ap_by_class": aps, "chosen_cost": chosen, "classes_without_positives": skipped,
-            "transform": transform.describe(), "processes": ctx.world, "precision": precision}
+            "transform": transform.describe(), "processes": ctx.world, "precision": precision,
+            "feature_cache": cache}
     artifacts = features_artifact(xtr, ttr, xte, tte) if p.save_features else {}
     return TaskOutput({"voc07_svm_map": float(np.mean(list(aps.values())))}, info, artifacts=artifacts,
                       probe={"probe": "svm:goyal", "feature": layer, "tap": tap})

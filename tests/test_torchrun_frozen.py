@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from core.files import REPO_ROOT
@@ -43,16 +44,43 @@ def finish(job, timeout=300):
     return stdout
 
 
-def test_two_processes_give_the_one_process_metrics_and_features(tmp_path, demo_root):
-    # 32 px images (VOC's res5 map is then 1 x 1, pooled by 1): the sharding, not the image size, is tested
-    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10,linear_stl10,voc07_svm", "--demo",
-            "--no-report", "--set", "save_features=true", "--set", "batch_size=10", "--set", "resize=36",
-            "--set", "crop=32", "--set", "square=32", "--set", "pool_kernel=1"]
-    assert cli(args + ["--out", str(tmp_path / "one")]) == 0
-    cache = shared_cache(tmp_path, demo_root, "cache-two")
-    stdout = finish(torchrun(args, tmp_path / "two", cache))
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
-    assert set(two) == {"knn_stl10", "linear_stl10", "voc07_svm"} and stdout.count("record:") == 3
+# 32 px images (VOC's res5 map is then 1 x 1, pooled by 1): the sharding, not the image size, is tested
+SMALL = ["--set", "resize=36", "--set", "crop=32", "--set", "batch_size=10"]
+THREE_TASKS = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10,linear_stl10,voc07_svm", "--demo",
+               "--no-report", "--set", "save_features=true", *SMALL, "--set", "square=32", "--set", "pool_kernel=1"]
+KNN = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def two_jobs(tmp_path_factory, demo_root):
+    """The three tasks in one process, writing their cache entries into a cache folder of their own; then, on
+    that folder, two `torchrun --nproc_per_node 2` jobs at once: job A the three tasks, job B kNN alone (the same
+    STL-10 features). Before they start, VOC's entries are removed (job A extracts them in shards) and the STL-10
+    train entry is truncated, as by a job killed while writing it (both jobs find it broken, and their four
+    processes race to extract and write it again); the STL-10 test entry stays whole (both read it)."""
+    tmp = tmp_path_factory.mktemp("torchrun_frozen")
+    cache = shared_cache(tmp, demo_root, "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSL_SUITE_CACHE", str(cache))
+        assert cli(THREE_TASKS + ["--out", str(tmp / "one")]) == 0
+    rows = {f: len(torch.load(f, weights_only=True)["labels"]) for f in (cache / "features").glob("*.pt")}
+    assert sorted(rows.values()) == [60, 60, 100, 300]  # VOC trainval and test, STL-10 test and train
+    for f, n in rows.items():
+        if n == 60:
+            f.unlink()
+    truncated = next(f for f, n in rows.items() if n == 300)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    jobs = {"A": torchrun(THREE_TASKS, tmp / "A", cache), "B": torchrun(KNN, tmp / "B", cache)}
+    stdout = {name: finish(job) for name, job in jobs.items()}
+    return {"one": records(tmp / "one"), "A": records(tmp / "A"), "B": records(tmp / "B"), "stdout": stdout,
+            "cache": cache, "truncated": truncated}
+
+
+def test_two_processes_give_the_one_process_metrics_and_features(two_jobs):
+    one, two = two_jobs["one"], two_jobs["A"]
+    assert set(two) == {"knn_stl10", "linear_stl10", "voc07_svm"} and two_jobs["stdout"]["A"].count("record:") == 3
+    # VOC's splits and STL-10's train split were extracted in shards, by each process
+    assert two["voc07_svm"][1]["data"]["feature_cache"] == {"train": "miss", "test": "miss"}
     for task, (path, rec) in two.items():
         assert rec["data"]["processes"] == 2
         assert rec["metrics"] == one[task][1]["metrics"], task
@@ -61,33 +89,21 @@ def test_two_processes_give_the_one_process_metrics_and_features(tmp_path, demo_
         for key in ("train_x", "train_y", "test_x", "test_y"):  # the same rows in the same (dataset) order
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{task} {key}")
     # the shards went through the cache folder and are gone; the joined features are cached for any process count
-    assert not list((cache / "features").glob("*.part*"))
+    assert not list((two_jobs["cache"] / "features").glob("*.part*"))
 
 
-def test_two_concurrent_torchrun_jobs_share_one_cache_folder(tmp_path, demo_root, monkeypatch):
-    """Two `torchrun --nproc_per_node 2` evaluations at once on one cache folder holding one whole entry and one
-    truncated one (a job killed while writing it): both read the whole one; both find the truncated one broken,
-    and the four processes race to extract and write it again (the cold case, for that entry); every record has
-    the one-process metrics, and the folder ends with whole entries and no temporaries."""
-    args = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo", "--set", "resize=36",
-            "--set", "crop=32", "--set", "batch_size=10"]
-    cache = shared_cache(tmp_path, demo_root, "cache")
-    monkeypatch.setenv("SSL_SUITE_CACHE", str(cache))  # the one-process run writes its entries there
-    assert cli(args + ["--out", str(tmp_path / "one")]) == 0
-    expected = records(tmp_path / "one")["knn_stl10"][1]["metrics"]
-    entries = lambda: sorted((cache / "features").glob("*.pt"))  # noqa: E731
-    assert len(entries()) == 2
-    truncated = max(entries(), key=lambda f: f.stat().st_size)  # the train split's
-    truncated.write_bytes(truncated.read_bytes()[:2000])
-    jobs = [torchrun(args, tmp_path / "two" / str(j), cache) for j in range(2)]
-    outputs = [finish(job) for job in jobs]
-    for j, stdout in enumerate(outputs):
-        rec = records(tmp_path / "two" / str(j))["knn_stl10"][1]
-        assert rec["metrics"] == expected, j
-        assert rec["data"]["feature_cache"]["test"] == "hit", rec["data"]["feature_cache"]
-    assert len(entries()) == 2 and not list((cache / "features").glob("*.part*"))
-    for f in entries():  # whole entries, whoever wrote them last
+def test_two_concurrent_torchrun_jobs_share_one_cache_folder(two_jobs):
+    """Both jobs have the one-process kNN metrics; both read the whole entry; both found the truncated one broken
+    (at least the first to look did), removed it and extracted it again; the folder ends with whole entries of
+    every split and no temporaries."""
+    expected = two_jobs["one"]["knn_stl10"][1]["metrics"]
+    for job in ("A", "B"):
+        rec = two_jobs[job]["knn_stl10"][1]
+        assert rec["metrics"] == expected, job
+        assert rec["data"]["feature_cache"]["test"] == "hit", (job, rec["data"]["feature_cache"])
+    entries = sorted((two_jobs["cache"] / "features").glob("*.pt"))
+    assert len(entries) == 4 and not list((two_jobs["cache"] / "features").glob("*.part*"))
+    for f in entries:  # whole entries, whoever wrote them last
         assert set(torch.load(f, weights_only=True)) == {"features", "labels", "index", "skipped"}
-    healed = [line for stdout in outputs for line in stdout.splitlines() if "unreadable" in line]
-    # at least the first job to look found the truncated file broken, removed it and extracted it again
-    assert healed and all("removed" in line and truncated.name in line for line in healed), healed
+    healed = [line for out in two_jobs["stdout"].values() for line in out.splitlines() if "unreadable" in line]
+    assert healed and all("removed" in line and two_jobs["truncated"].name in line for line in healed), healed
