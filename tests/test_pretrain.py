@@ -446,6 +446,33 @@ def test_two_process_ddp_on_cpu(two_process_runs, config):
         assert int(state["target"]["queue_ptr"]) == 0 and state["target"]["queue"].shape == (32, 16)
 
 
+def test_shutdown_leaves_the_group_its_caller_made_and_ends_the_one_it_made(tmp_path, monkeypatch):
+    """core.distributed: a script that made its process group keeps it through a training's shutdown (the DDP
+    fixture above runs two trainings in one group); a group setup_distributed made, shutdown ends."""
+    import torch.distributed as dist
+
+    from core import distributed
+
+    real = dist.init_process_group
+
+    def one_process_group(backend, **kwargs):  # a real Gloo group of one process, where torchrun's would be
+        real(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store0'}", rank=0, world_size=1)
+    try:
+        distributed.setup_distributed(torch.device("cpu"))
+        distributed.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group", one_process_group)
+    distributed.setup_distributed(torch.device("cpu"))
+    assert dist.is_initialized()
+    distributed.shutdown()
+    assert not dist.is_initialized()
+
+
 def test_sweeps_expand_to_loadable_commands():
     import yaml
 
