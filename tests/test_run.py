@@ -290,22 +290,22 @@ def test_checkpoint_names_of_other_projects_give_their_epochs(tmp_path):
 def test_seeds_keep_each_trial_and_their_mean_and_std(capsys, tmp_path, r18_ckpt, demo_root):
     base = ["--ckpt", str(r18_ckpt), "--task", "linear_stl10", "--demo", "--no-report", *SMALL_IMAGES]
     singles = {}
-    for seed in (0, 1, 2):  # independent runs, one seed each
+    for seed in (0, 1):  # independent runs, one seed each
         code, out, err = run(capsys, *base, "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}"))
         assert code == 0, err
         singles[seed] = json.loads(records_under(tmp_path / f"seed{seed}")[0].read_text())["metrics"]
-    code, out, err = run(capsys, *base, "--seeds", "0,1,2", "--out", str(tmp_path / "trials"))
+    code, out, err = run(capsys, *base, "--seeds", "0,1", "--out", str(tmp_path / "trials"))
     assert code == 0, err
     rec = json.loads(records_under(tmp_path / "trials")[0].read_text())
-    assert [t["seed"] for t in rec["trials"]] == [0, 1, 2] and rec["seeds"] == [0, 1, 2]
-    assert [t["metrics"] for t in rec["trials"]] == [singles[0], singles[1], singles[2]]
+    assert [t["seed"] for t in rec["trials"]] == [0, 1] and rec["seeds"] == [0, 1]
+    assert [t["metrics"] for t in rec["trials"]] == [singles[0], singles[1]]
     assert len({json.dumps(m, sort_keys=True) for m in singles.values()}) > 1  # the seed matters to this probe
     assert set(rec["metrics"]) == set(rec["metrics_std"]) == set(singles[0])
     for name in rec["metrics"]:
         values = [t["metrics"][name] for t in rec["trials"]]
         assert rec["metrics"][name] == pytest.approx(float(np.mean(values)), abs=1e-9)
         assert rec["metrics_std"][name] == pytest.approx(float(np.std(values, ddof=1)), abs=1e-9)
-        assert f"{name} = {np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=3)" in out
+        assert f"{name} = {np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=2)" in out
     assert any(v > 0 for v in rec["metrics_std"].values())
 
 
