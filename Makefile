@@ -7,14 +7,21 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test
 
+# pip compiles the installed files one at a time; compileall on every core after a --no-compile install is
+# faster (a new .venv with requirements-test.txt: 93 s -> 63 s on 2 cores). Its errors are the files no
+# Python 3.11 compiles (torch's py312 test helpers), which pip skips the same way; imports work without .pyc.
+COMPILE = $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
+
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-compile -r requirements.txt
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
-	$(VENV)/bin/pip install --quiet -r requirements-test.txt
+	$(VENV)/bin/pip install --quiet --no-compile -r requirements-test.txt
+	$(COMPILE)
 	touch $@
 
 demo: $(VENV)/.runtime
