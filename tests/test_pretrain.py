@@ -459,14 +459,14 @@ def test_shutdown_leaves_the_group_its_caller_made_and_ends_the_one_it_made(tmp_
     def one_process_group(backend, **kwargs):  # a real Gloo group of one process, where torchrun's would be
         real(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store0'}", rank=0, world_size=1)
     try:
-        distributed.setup_distributed(torch.device("cpu"))
+        distributed.setup_distributed(torch.device("cpu"))  # joins the caller's group (a second init would raise)
         distributed.shutdown()
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
-    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed.dist, "init_process_group", one_process_group)
     distributed.setup_distributed(torch.device("cpu"))
     assert dist.is_initialized()
