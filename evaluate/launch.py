@@ -232,9 +232,8 @@ def submit_jobs(executor, commands, array=False) -> list:
 POLL_S = 5.0
 
 
-def follow(jobs, poll_s=None, out=None) -> list:
+def follow(jobs, out=None) -> list:
     """A progress bar over the jobs until all are done; the failed ones as (job, error text)."""
-    poll_s = POLL_S if poll_s is None else poll_s
     from tqdm import tqdm
 
     out = sys.stderr if out is None else out
@@ -249,7 +248,7 @@ def follow(jobs, poll_s=None, out=None) -> list:
                     if error is not None:
                         failed.append((job, str(error).strip().splitlines()[-1]))
             if len(finished) < len(jobs):
-                time.sleep(poll_s)
+                time.sleep(POLL_S)
     return failed
 
 
