@@ -3,6 +3,13 @@ import tempfile
 
 import pytest
 
+# Under pytest-xdist each worker gets its share of the cores, set before torch is imported (subprocesses inherit
+# it): torch's default of one thread per core in every worker oversubscribes them, and its threads then spin
+# (2 workers on 2 cores: 364 s with the default, 211 s with one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # Every test session gets its own cache (demo data, features), so tests never read a stale one.
 os.environ.setdefault("SSL_SUITE_CACHE", tempfile.mkdtemp(prefix="ssl-suite-test-cache-"))
 
