@@ -196,24 +196,28 @@ def tiny_overrides(config):
 
 
 def test_every_method_trains_resumes_exactly_and_exports(tmp_path, demo_root, capsys):
-    """Each method: an uninterrupted run and a run stopped after step 1 then resumed end with the same online
-    network, target / key encoder (and MoCo's queue); the exported backbone loads as a plain ResNet, and its
-    records name the method."""
+    """Each method: an uninterrupted run, and a run resumed from that run's state after step 1 (the file a run
+    stopped there writes: both are the step's one save; test_resume_refuses_a_changed_config stops one), end with
+    the same online network, target / key encoder (and MoCo's queue); the exported backbone loads as a plain
+    ResNet, and its records name the method."""
+    import shutil
+
     from backbones.checkpoints import load_checkpoint, make_encoder
 
     for config in METHOD_DEMOS:
-        over = tiny_overrides(config)
-        cfg, _ = load_config(config, over + [f"out_dir={tmp_path / config / 'full'}"])
+        over = tiny_overrides(config) + ["save_every_steps=1"]  # the step-1 state stays as last.pth.prev
+        full_dir, split_dir = tmp_path / config / "full", tmp_path / config / "split"
+        cfg, _ = load_config(config, over + [f"out_dir={full_dir}"])
         train_mod.train(cfg, config, log=lambda *a: None)
-        split = load_config(config, over + [f"out_dir={tmp_path / config / 'split'}", "stop_after_steps=1"])[0]
-        train_mod.train(split, config, log=lambda *a: None)
+        split_dir.mkdir()
+        shutil.copyfile(full_dir / "last.pth.prev", split_dir / "last.pth")
         # mmap: the tensors compared are read from the page cache, the optimiser's never
-        stopped = torch.load(tmp_path / config / "split" / "last.pth", weights_only=True, mmap=True)
-        assert stopped["step"] == 1 and not (tmp_path / config / "split" / "backbone.pth").exists()
-        resumed_cfg = load_config(config, over + [f"out_dir={tmp_path / config / 'split'}"])[0]
+        stopped = torch.load(split_dir / "last.pth", weights_only=True, mmap=True)
+        assert stopped["step"] == 1
+        resumed_cfg = load_config(config, over + [f"out_dir={split_dir}"])[0]
         train_mod.train(resumed_cfg, config, resume=True, log=lambda *a: None)
-        full = torch.load(tmp_path / config / "full" / "last.pth", weights_only=True, mmap=True)
-        resumed = torch.load(tmp_path / config / "split" / "last.pth", weights_only=True, mmap=True)
+        full = torch.load(full_dir / "last.pth", weights_only=True, mmap=True)
+        resumed = torch.load(split_dir / "last.pth", weights_only=True, mmap=True)
         assert resumed["step"] == full["step"] == 2 and full["method"] == cfg.method, config
         for part in ("online", "target"):
             assert full[part].keys() == resumed[part].keys()
@@ -222,13 +226,12 @@ def test_every_method_trains_resumes_exactly_and_exports(tmp_path, demo_root, ca
         assert not torch.equal(full["online"]["backbone.conv1.weight"], stopped["online"]["backbone.conv1.weight"])
         has_target = cfg.method in ("msbreg", "byol", "byol_uniformity", "byol_multicrop", "mocov2")
         assert bool(full["target"]) == has_target, config
-        log = [json.loads(line) for line in (tmp_path / config / "full" / "log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (full_dir / "log.jsonl").read_text().splitlines()]
         assert len(log) == 2 and all(math.isfinite(r["loss"]) and "effective_rank" in r for r in log), config
-        backbone = tmp_path / config / "full" / "backbone.pth"
-        model, info, arch = make_encoder(str(backbone))
+        model, info, arch = make_encoder(str(full_dir / "backbone.pth"))
         assert arch == "resnet18" and info.pretraining["method"] == cfg.method, config
         assert info.stem == ("3x3" if cfg.method == "wmse" else "torchvision"), config
-        assert load_checkpoint(tmp_path / config / "full" / "last.pth").pretraining["method"] == cfg.method
+        assert load_checkpoint(full_dir / "last.pth").pretraining["method"] == cfg.method
     moco = torch.load(tmp_path / "demo_mocov2" / "full" / "last.pth", weights_only=True)["target"]
     assert moco["queue"].shape == (16, 16) and int(moco["queue_ptr"]) == 0  # two batches of 8 keys went in
     # the 3x3-stem W-MSE backbone through the evaluation command: the record names the method and the stem
@@ -261,7 +264,10 @@ def test_exported_backbone_evaluates_as_it_is(tmp_path, demo_root):
 
 
 def test_resume_refuses_a_changed_config(tmp_path, demo_root):
-    run_tiny(tmp_path, "r", ["stop_after_steps=1"])
+    out = run_tiny(tmp_path, "r", ["stop_after_steps=1"])
+    # stopped: the step's state saved, no backbone exported (the schedule is not done)
+    assert torch.load(out / "last.pth", weights_only=True, mmap=True)["step"] == 1
+    assert not (out / "backbone.pth").exists()
     with pytest.raises(UserError, match="config differs from this one in lambda_b"):
         run_tiny(tmp_path, "r", ["lambda_b=0.1"], resume=True)
 
