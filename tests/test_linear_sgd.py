@@ -1,6 +1,7 @@
 """SGD linear probes: the paper's step schedule, and an interrupted run resumed to the same result."""
 import json
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -33,11 +34,30 @@ def state_of(out):
     return path
 
 
-def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path, capsys, monkeypatch, demo_root):
+@contextmanager
+def one_thread():
+    """torch on one thread, as the killed process of the kill -9 test runs (OMP_NUM_THREADS=1): bit-equal runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_root):
+    """The output folder of the probe run through (one thread), which the interrupted runs below must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    with one_thread():
+        assert cli(ARGS + ["--out", str(out)]) == 0
+    return out
+
+
+def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path, capsys, monkeypatch, uninterrupted):
     """Interrupted after epoch 2: with its state file truncated, --resume continues from the previous state
     (epoch 1); with both files unreadable, it starts over. Each says which in one line; the record is the
     uninterrupted run's."""
-    assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
     real = core.resume.atomic_save
     for name, damage, message in (("truncated", "half", "resuming from the previous state"),
                                   ("empty", "both", "starting over")):
@@ -51,7 +71,8 @@ def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path,
 
         monkeypatch.setattr(core.resume, "atomic_save", interrupted_after_second_epoch)
         out = tmp_path / name
-        assert cli(ARGS + ["--out", str(out)]) == 130
+        with one_thread():
+            assert cli(ARGS + ["--out", str(out)]) == 130
         monkeypatch.setattr(core.resume, "atomic_save", real)
         state = state_of(out)
         assert torch.load(state.with_name(state.name + ".prev"), weights_only=True)["epoch"] == 1
@@ -60,13 +81,14 @@ def test_damaged_state_falls_back_to_the_previous_epoch_or_starts_over(tmp_path,
         if damage == "both":
             state.with_name(state.name + ".prev").write_bytes(b"\x00" * 10)
         capsys.readouterr()
-        assert cli(ARGS + ["--out", str(out), "--resume"]) == 0
+        with one_thread():
+            assert cli(ARGS + ["--out", str(out), "--resume"]) == 0
         said = [line for line in capsys.readouterr().out.splitlines() if "--resume:" in line]
         assert len(said) == 1 and message in said[0], said
-        assert metrics_of(out) == metrics_of(tmp_path / "full")
+        assert metrics_of(out) == metrics_of(uninterrupted)
 
 
-def test_kill_9_in_the_middle_of_a_probe_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, demo_root):
+def test_kill_9_in_the_middle_of_a_probe_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterrupted):
     """A real process killed (SIGKILL) as soon as an epoch's state is saved; the same command with --resume
     writes the uninterrupted run's record, with a bit-equal head (CPU)."""
     import os
@@ -89,16 +111,11 @@ def test_kill_9_in_the_middle_of_a_probe_then_resume_equals_an_uninterrupted_run
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (killed / "records").exists()
     assert torch.load(state_of(killed), weights_only=True)["epoch"] < 3
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed process ran
-    try:
+    with one_thread():
         assert cli(ARGS + ["--out", str(killed), "--resume"]) == 0
-        assert "resumed" in capsys.readouterr().out
-        assert cli(ARGS + ["--out", str(tmp_path / "full")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    assert metrics_of(killed) == metrics_of(tmp_path / "full")
-    heads = [torch.load(state_of(d), weights_only=True)["head"] for d in (killed, tmp_path / "full")]
+    assert "resumed" in capsys.readouterr().out
+    assert metrics_of(killed) == metrics_of(uninterrupted)
+    heads = [torch.load(state_of(d), weights_only=True)["head"] for d in (killed, uninterrupted)]
     assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
@@ -164,7 +181,7 @@ def test_torchrun_refuses_tasks_that_cannot_share_their_work(tmp_path, capsys, m
 def test_protocol_sgd_of_the_imagenet_and_stl10_linear_tasks(tmp_path, demo_root):
     out = tmp_path / "sgd"
     assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "linear_in100,linear_stl10", "--demo",
-                "--set", "protocol=sgd", "--set", "sgd_epochs=1", "--out", str(out)]) == 0
+                "--set", "protocol=sgd", "--set", "sgd_epochs=1", "--no-report", *SMALL_IMAGES, "--out", str(out)]) == 0
     recs = {r["task"]: r for r in (json.loads(p.read_text()) for p in (out / "records").rglob("*.json"))}
     for task, prefix, train_size in (("linear_in100", "in100", 180), ("linear_stl10", "stl10", None)):
         r = recs[task]
