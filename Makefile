@@ -28,7 +28,7 @@ demo: $(VENV)/.runtime
 	$(PY) evaluate/run.py --ckpt random --task all --demo
 
 # One pytest worker per core (at most 4), each given whole test modules so that a module's fixtures are built
-# once (loadscope), each with its share of the cores (tests/conftest.py): 2 workers on 2 cores ran the tests in
-# 211 s against 343 s for one process. pytest's exit code 5 (no tests collected) is a failure too.
+# once (loadscope), the longest modules first (tests/conftest.py orders them), each worker with its share of the
+# cores (tests/conftest.py): 2 workers on 2 cores ran the tests in 211 s against 343 s for one process. pytest's exit code 5 (no tests collected) is a failure too.
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope; code=$$?; if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder; code=$$?; if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code

@@ -19,3 +19,17 @@ def demo_root():
     from datasets.catalog import ensure_demo
 
     return ensure_demo()
+
+
+# make test hands whole modules to its workers in this order (pytest -n auto --dist loadscope
+# --no-loadscope-reorder): the longest first, as measured with 2 workers on 2 cores, so that the workers end
+# together; the modules not named follow in file order. The order changes nothing else: no module reads
+# another's files.
+LONGEST_FIRST = ("test_pretrain", "test_run", "test_linear_sgd", "test_formats", "test_detection", "test_launch",
+                 "test_voc07_svm", "test_torchrun_frozen", "test_feature_cache", "test_vit", "test_frozen_vit",
+                 "test_wmse_protocol", "test_report", "test_checkpoints")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

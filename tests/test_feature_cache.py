@@ -94,7 +94,7 @@ def rank_process(rank, store, cases, demo_root, results):
 
     def slow_entry_write(obj, path):  # rank 0 writes the joined entry late: the others must wait for it
         if ".part" not in Path(path).name:
-            time.sleep(1.0)
+            time.sleep(0.3)
         write(obj, path)
 
     features.atomic_torch_save = slow_entry_write

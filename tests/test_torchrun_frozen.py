@@ -48,7 +48,7 @@ def finish(job, timeout=300):
 SMALL = ["--set", "resize=36", "--set", "crop=32", "--set", "batch_size=10"]
 THREE_TASKS = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10,linear_stl10,voc07_svm", "--demo",
                "--no-report", "--set", "save_features=true", *SMALL, "--set", "square=32", "--set", "pool_kernel=1"]
-KNN = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo", *SMALL]
+KNN = ["--ckpt", "random", "--arch", "resnet18", "--task", "knn_stl10", "--demo", "--no-report", *SMALL]
 
 
 @pytest.fixture(scope="module")

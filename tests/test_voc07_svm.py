@@ -128,7 +128,8 @@ def test_goyal_features_are_res5_average_pooled_6x6_stride_1(tmp_path, demo_root
     assert ours.shape == (2, 8192)
     torch.testing.assert_close(ours, reference)
     out = tmp_path / "res5"
-    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--out", str(out)]) == 0
+    assert cli(["--ckpt", "random", "--arch", "resnet18", "--task", "voc07_svm", "--demo", "--no-report", "--out",
+                str(out)]) == 0
     rec = json.loads(next((out / "records").rglob("*.json")).read_text())
     assert rec["data"]["feature_dim"] == 2048 and rec["data"]["transform"].startswith("resize256-bilinear-square224")
 

@@ -58,7 +58,7 @@ def test_knn_stl10_wmse_gives_wmse_pipelines_features_and_accuracy(tmp_path, dem
     ckpt = tmp_path / "wmse_r18.pth"
     torch.save(model.state_dict(), ckpt)
     out = tmp_path / "out"
-    assert cli(["--ckpt", str(ckpt), "--task", "knn_stl10", "--demo", "--set", "protocol=wmse",
+    assert cli(["--ckpt", str(ckpt), "--task", "knn_stl10", "--demo", "--no-report", "--set", "protocol=wmse",
                 "--set", "save_features=true", "--out", str(out)]) == 0
     path = next((out / "records").rglob("*.json"))
     rec = json.loads(path.read_text())
