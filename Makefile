@@ -29,6 +29,9 @@ demo: $(VENV)/.runtime
 
 # One pytest worker per core (at most 4), each given whole test modules so that a module's fixtures are built
 # once (loadscope), the longest modules first (tests/conftest.py orders them), each worker with its share of the
-# cores (tests/conftest.py): 2 workers on 2 cores ran the tests in 211 s against 343 s for one process. pytest's exit code 5 (no tests collected) is a failure too.
+# cores (tests/conftest.py): 2 workers on 2 cores ran the tests in 211 s against 343 s for one process.
+# pytest's exit code 5 (no tests collected) is a failure too.
+PARALLEL = -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder; code=$$?; if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code
+	$(PY) -m pytest -q $(PARALLEL); code=$$?; \
+	if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code
