@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -10,8 +12,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
-# Every test session gets its own cache (demo data, features), so tests never read a stale one.
-os.environ.setdefault("SSL_SUITE_CACHE", tempfile.mkdtemp(prefix="ssl-suite-test-cache-"))
+# Every test session gets its own cache (demo data, features), so tests never read a stale one; the process that
+# made it (under pytest-xdist the controller, whose workers inherit it) removes it when it exits.
+if "SSL_SUITE_CACHE" not in os.environ:
+    os.environ["SSL_SUITE_CACHE"] = tempfile.mkdtemp(prefix="ssl-suite-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SSL_SUITE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
