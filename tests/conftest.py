@@ -28,8 +28,9 @@ def demo_root():
 
 # make test hands whole modules to its workers in this order (pytest -n auto --dist loadscope
 # --no-loadscope-reorder): the longest first, as measured with 2 workers on 2 cores, so that the workers end
-# together; the modules not named follow in file order. The order changes nothing else: no module reads
-# another's files.
+# together; the modules not named follow in file order. The order changes nothing else: no module depends on
+# another's files (the feature cache they share gives the same features whoever wrote them, and the tests that
+# count its hits and misses use a cache of their own or a checkpoint only their module saves).
 LONGEST_FIRST = ("test_pretrain", "test_run", "test_linear_sgd", "test_formats", "test_detection", "test_launch",
                  "test_voc07_svm", "test_torchrun_frozen", "test_feature_cache", "test_vit", "test_frozen_vit",
                  "test_wmse_protocol", "test_report", "test_checkpoints")
